@@ -1,0 +1,13 @@
+"""Exception types the CLI turns into one-line messages (exit code 2)."""
+
+
+class AthweError(Exception):
+    """Base class for user-facing errors: bad input, bad config, missing artefacts."""
+
+
+class DataError(AthweError):
+    """A data file is missing or malformed. The message names the file and the problem."""
+
+
+class ConfigError(AthweError):
+    """A config file or override is invalid (unknown key, wrong type, unknown model)."""

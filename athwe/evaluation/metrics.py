@@ -1,0 +1,67 @@
+"""Full-ranking evaluation: every item is scored for every user; never sampled negatives.
+
+Tie rule: a target's rank is the number of items with a strictly higher score (ties are resolved
+in the target's favour). Padding (item 0) is always excluded. History handling:
+- ``none``: history items stay rankable (RecBole, repeat consumption allowed);
+- ``zero``: history items' scores are set to 0 (the BSARec/WEARec code's behaviour, kept as a
+  named option: items scored below 0 then rank under already-seen items);
+- ``exclude``: history items are removed from the ranking (a target that also appears in the
+  history then counts as a miss).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from athwe.dataset.split import SampleSet
+
+KS = (5, 10, 20, 50)
+HISTORY_MODES = ("none", "zero", "exclude")
+
+
+def rank_of_target(scores: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Number of items scored strictly above the target, per row. Scores must be float."""
+    t = scores.gather(1, target.unsqueeze(1))
+    return (scores > t).sum(1)
+
+
+def apply_history(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor, mode: str) -> None:
+    """In place: mask (row, item) history pairs according to `mode`."""
+    if mode == "none" or rows.numel() == 0:
+        return
+    value = 0.0 if mode == "zero" else float("-inf")
+    scores[rows.to(scores.device), items.to(scores.device)] = value
+
+
+def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
+    """HR, NDCG and MRR at each K, averaged over rows (one target per row)."""
+    r = ranks.double()
+    out: dict[str, float] = {}
+    for k in ks:
+        hit = r < k
+        out[f"HR@{k}"] = float(hit.double().mean())
+        out[f"NDCG@{k}"] = float(torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).mean())
+        out[f"MRR@{k}"] = float(torch.where(hit, 1.0 / (r + 1.0), torch.zeros_like(r)).mean())
+    return out
+
+
+@torch.inference_mode()
+def evaluate(score_fn: Callable, samples: SampleSet, history: str = "none", batch_size: int = 1024,
+             device: torch.device | str = "cpu", ks: tuple[int, ...] = KS) -> tuple[dict[str, float], torch.Tensor]:
+    """Rank every item for every row of `samples`. `score_fn(batch)` returns (B, n_items+1) scores.
+    Returns (metrics, ranks). Results do not depend on batch_size (ranks are per row)."""
+    if history not in HISTORY_MODES:
+        raise ValueError(f"unknown history mode {history!r} (one of {', '.join(HISTORY_MODES)})")
+    ranks = torch.empty(len(samples), dtype=torch.long)
+    for start in range(0, len(samples), batch_size):
+        rows = torch.arange(start, min(start + batch_size, len(samples)))
+        batch = samples.batch(rows).to(device)
+        scores = score_fn(batch).float()
+        if history != "none":
+            r, it = samples.history_of(rows)
+            apply_history(scores, r, it, history)
+        scores[:, 0] = -math.inf
+        ranks[rows] = rank_of_target(scores, batch.target).cpu()
+    return metrics_from_ranks(ranks, ks), ranks

@@ -1,0 +1,113 @@
+"""The model contract the harness relies on, and the registry of models by name.
+
+A model is an nn.Module with:
+- ``loss(batch)``: scalar training loss for a Batch;
+- ``scores(batch)``: (B, n_items + 1) scores of every item;
+- ``query_vectors(batch)`` (B, D) and ``item_vectors()`` (n_items + 1, D) whose inner product
+  equals ``scores`` (so an inner-product index reproduces the model's ranking exactly).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from athwe.dataset.split import Batch, SampleSet
+from athwe.errors import ConfigError
+
+LOSSES = ("ce", "bce")
+
+
+class SequentialRecommender(nn.Module):
+    """Base class: subclasses implement ``query_vectors`` and ``item_vectors``; ``extra_loss`` is optional."""
+
+    def __init__(self, config: Any, n_items: int, max_seq_length: int, loss_type: str = "ce"):
+        super().__init__()
+        if loss_type not in LOSSES:
+            raise ConfigError(f"unknown loss {loss_type!r} (one of {', '.join(LOSSES)})")
+        self.config = config
+        self.n_items = n_items
+        self.max_seq_length = max_seq_length
+        self.loss_type = loss_type
+
+    def prepare(self, train: SampleSet) -> None:
+        """Hook called once with the training samples before training (e.g. to precompute positives)."""
+
+    def query_vectors(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
+    def item_vectors(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def scores(self, batch: Batch) -> torch.Tensor:
+        return self.query_vectors(batch) @ self.item_vectors().t()
+
+    def extra_loss(self, batch: Batch, query: torch.Tensor) -> torch.Tensor | None:
+        """Auxiliary losses added to the main loss (contrastive terms and the like)."""
+        return None
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        q = self.query_vectors(batch)
+        items = self.item_vectors()
+        if self.loss_type == "ce":
+            logits = q @ items.t()
+            logits[:, 0] = float("-inf")  # padding is never a valid prediction
+            main = F.cross_entropy(logits, batch.target)
+        else:
+            if batch.neg is None:
+                raise ValueError("BCE loss needs sampled negatives in batch.neg")
+            pos = (q * items[batch.target]).sum(-1)
+            neg = (q * items[batch.neg]).sum(-1)
+            main = (F.softplus(-pos) + F.softplus(neg)).mean()  # -log sig(pos) - log(1 - sig(neg))
+        extra = self.extra_loss(batch, q)
+        return main if extra is None else main + extra
+
+
+@dataclasses.dataclass
+class ModelEntry:
+    cls: type[SequentialRecommender]
+    config_cls: type
+    description: str
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register_model(name: str, config_cls: type, description: str = "") -> Callable:
+    def deco(cls: type[SequentialRecommender]) -> type[SequentialRecommender]:
+        _REGISTRY[name] = ModelEntry(cls, config_cls, description or (cls.__doc__ or "").strip().split("\n")[0])
+        return cls
+    return deco
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown model {name!r} (available: {', '.join(list_models())})")
+    return _REGISTRY[name]
+
+
+def build_model_config(name: str, values: dict[str, Any] | None = None) -> Any:
+    """The model's config dataclass from a dict; unknown keys are an error."""
+    cls = get_entry(name).config_cls
+    values = dict(values or {})
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"unknown model key(s) for {name}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+    return cls(**values)
+
+
+def create_model(name: str, n_items: int, max_seq_length: int, model_config: Any = None,
+                 loss_type: str = "ce") -> SequentialRecommender:
+    """The one factory entry point: a model by registry name."""
+    entry = get_entry(name)
+    if model_config is None or isinstance(model_config, dict):
+        model_config = build_model_config(name, model_config)
+    return entry.cls(model_config, n_items=n_items, max_seq_length=max_seq_length, loss_type=loss_type)

@@ -1,0 +1,101 @@
+"""Blocks shared by the sequential models (post-LN Transformer pieces, embeddings, masks)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+MASK_VALUE = -10000.0  # additive mask value of the reference code bases (finite: fully padded rows stay defined)
+
+
+def init_weights(module: nn.Module, std: float = 0.02) -> None:
+    """N(0, std) for Linear and Embedding weights, zero biases, unit LayerNorm (BSARec/RecBole init)."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        module.weight.data.normal_(mean=0.0, std=std)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            module.bias.data.zero_()
+    elif isinstance(module, nn.LayerNorm):
+        module.weight.data.fill_(1.0)
+        module.bias.data.zero_()
+
+
+def attention_mask(input_ids: torch.Tensor, causal: bool = True) -> torch.Tensor:
+    """Additive (B, 1, N, N) mask: padding keys (id 0) and, if causal, future keys get MASK_VALUE."""
+    n = input_ids.shape[1]
+    allowed = (input_ids > 0).unsqueeze(1).unsqueeze(2)  # (B,1,1,N) keys
+    if causal:
+        allowed = allowed & torch.ones(n, n, dtype=torch.bool, device=input_ids.device).tril().view(1, 1, n, n)
+    zero = torch.zeros((), device=input_ids.device)
+    return torch.where(allowed, zero, torch.full((), MASK_VALUE, device=input_ids.device))
+
+
+class FeedForward(nn.Module):
+    """LN(x + Dropout(W2 GELU(W1 x)))."""
+
+    def __init__(self, hidden: int, inner: int, dropout: float, eps: float):
+        super().__init__()
+        self.dense_1 = nn.Linear(hidden, inner)
+        self.dense_2 = nn.Linear(inner, hidden)
+        self.dropout = nn.Dropout(dropout)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.dense_2(F.gelu(self.dense_1(x)))))
+
+
+class MultiHeadAttention(nn.Module):
+    """LN(x + Dropout(Dense(softmax(QK^T/sqrt(dh) + mask) V)))."""
+
+    def __init__(self, hidden: int, heads: int, attn_dropout: float, hidden_dropout: float, eps: float):
+        super().__init__()
+        if hidden % heads:
+            raise ValueError(f"hidden_size {hidden} is not a multiple of num_heads {heads}")
+        self.heads = heads
+        self.query = nn.Linear(hidden, hidden)
+        self.key = nn.Linear(hidden, hidden)
+        self.value = nn.Linear(hidden, hidden)
+        self.dense = nn.Linear(hidden, hidden)
+        self.attn_dropout = attn_dropout
+        self.dropout = nn.Dropout(hidden_dropout)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+
+    def context(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """The attention output before the dense/residual step, (B, N, hidden)."""
+        b, n, d = x.shape
+        h = self.heads
+
+        def split(t: torch.Tensor) -> torch.Tensor:
+            return t.view(b, n, h, d // h).transpose(1, 2)
+
+        out = F.scaled_dot_product_attention(
+            split(self.query(x)), split(self.key(x)), split(self.value(x)), attn_mask=mask,
+            dropout_p=self.attn_dropout if self.training else 0.0)
+        return out.transpose(1, 2).reshape(b, n, d)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.norm(x + self.dropout(self.dense(self.context(x, mask))))
+
+
+class TransformerBlock(nn.Module):
+    def __init__(self, hidden: int, heads: int, inner: int, attn_dropout: float, hidden_dropout: float, eps: float):
+        super().__init__()
+        self.attention = MultiHeadAttention(hidden, heads, attn_dropout, hidden_dropout, eps)
+        self.feed_forward = FeedForward(hidden, inner, hidden_dropout, eps)
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.feed_forward(self.attention(x, mask))
+
+
+class SequenceEmbedding(nn.Module):
+    """E = Dropout(LN(ItemEmb(x) + PosEmb(0..N-1)))."""
+
+    def __init__(self, n_items: int, max_len: int, hidden: int, dropout: float, eps: float):
+        super().__init__()
+        self.item = nn.Embedding(n_items + 1, hidden, padding_idx=0)
+        self.position = nn.Embedding(max_len, hidden)
+        self.norm = nn.LayerNorm(hidden, eps=eps)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        pos = torch.arange(input_ids.shape[1], device=input_ids.device)
+        return self.dropout(self.norm(self.item(input_ids) + self.position(pos).unsqueeze(0)))

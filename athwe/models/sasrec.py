@@ -1,0 +1,48 @@
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the item sequence."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from athwe.dataset.split import Batch
+from athwe.models.base import SequentialRecommender, register_model
+from athwe.models.layers import SequenceEmbedding, TransformerBlock, attention_mask, init_weights
+
+
+@dataclass
+class SASRecConfig:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    inner_size: int = 256
+    hidden_dropout: float = 0.5
+    attn_dropout: float = 0.5
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+
+@register_model("sasrec", SASRecConfig, "SASRec: causal multi-head self-attention (ID only)")
+class SASRec(SequentialRecommender):
+    def __init__(self, config: SASRecConfig, n_items: int, max_seq_length: int, loss_type: str = "ce"):
+        super().__init__(config, n_items, max_seq_length, loss_type)
+        c = config
+        self.embedding = SequenceEmbedding(n_items, max_seq_length, c.hidden_size, c.hidden_dropout, c.layer_norm_eps)
+        self.blocks = nn.ModuleList(
+            TransformerBlock(c.hidden_size, c.num_heads, c.inner_size, c.attn_dropout, c.hidden_dropout, c.layer_norm_eps)
+            for _ in range(c.num_layers))
+        self.apply(lambda m: init_weights(m, c.initializer_range))
+
+    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+        x = self.embedding(input_ids)
+        mask = attention_mask(input_ids, causal=True)
+        for block in self.blocks:
+            x = block(x, mask)
+        return x
+
+    def query_vectors(self, batch: Batch) -> torch.Tensor:
+        return self.encode(batch.input_ids)[:, -1]
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.embedding.item.weight

@@ -1,0 +1,341 @@
+"""The trainer: Adam, CE or BCE, early stopping, best-checkpoint test, exact resume.
+
+A run folder ``runs/<id>/`` holds config.yaml (resolved), item_map.json, metrics.jsonl (one line per
+epoch), last.pt and best.pt (plain state dicts; ``torch.load(weights_only=True)`` works),
+results.json and curves.png.
+"""
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from athwe.config import RunConfig, config_from_dict, history_mode
+from athwe.dataset.sequences import SequenceData, load_sequences
+from athwe.dataset.split import Batch, SampleSet, Split, build_split
+from athwe.errors import AthweError, DataError
+from athwe.evaluation.metrics import evaluate
+from athwe.models import create_model
+from athwe.models.base import SequentialRecommender
+from athwe.utils import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, resolve_device, seed_everything
+
+Printer = Callable[[str], None]
+
+
+def load_data(cfg: RunConfig) -> tuple[SequenceData, Split]:
+    """Read (or generate, for the demo) the dataset and split it as the config says."""
+    if cfg.data.dataset == "demo":
+        from athwe.dataset.demo import ensure_demo
+
+        ensure_demo(cfg.data.data_dir)
+    data = load_sequences(cfg.data.data_dir, cfg.data.dataset, kcore=cfg.data.kcore)
+    split = build_split(data, cfg.data.max_seq_length, cfg.data.preset)
+    if len(split.train) == 0 or len(split.test) == 0:
+        raise DataError(f"{cfg.data.data_dir}/{cfg.data.dataset}: no user has the 3 interactions a leave-one-out split needs")
+    return data, split
+
+
+def results_header(cfg: RunConfig) -> dict[str, Any]:
+    return {
+        "model": cfg.model,
+        "dataset": cfg.data.dataset,
+        "preset": cfg.data.preset,
+        "split": "chronological leave-one-out (valid s[-2], test s[-1])",
+        "history": history_mode(cfg),
+        "padding": "excluded",
+        "ranking": "full (all items)",
+        "tie_rule": "rank = items scored strictly higher",
+        "loss": cfg.train.loss,
+        "max_seq_length": cfg.data.max_seq_length,
+    }
+
+
+def format_results(header: dict[str, Any], metrics: dict[str, float], ks: tuple[int, ...] = (5, 10, 20, 50)) -> str:
+    head = ", ".join(f"{k}={v}" for k, v in header.items() if k in ("model", "dataset", "preset", "history", "loss", "max_seq_length"))
+    lines = [f"[{head}; ties: strictly higher; padding excluded]", f"{'':8s}" + "".join(f"{'@' + str(k):>9s}" for k in ks)]
+    for m in ("HR", "NDCG", "MRR"):
+        lines.append(f"{m:8s}" + "".join(f"{metrics[f'{m}@{k}']:9.4f}" for k in ks))
+    return "\n".join(lines)
+
+
+def sample_negatives(batch: Batch, n_items: int, rounds: int = 20) -> torch.Tensor:
+    """One random item per row that is neither the target nor in the input (global torch RNG)."""
+    neg = torch.randint(1, n_items + 1, (len(batch),))
+    for _ in range(rounds):
+        bad = (neg == batch.target) | (batch.input_ids == neg.unsqueeze(1)).any(1)
+        if not bool(bad.any()):
+            break
+        neg[bad] = torch.randint(1, n_items + 1, (int(bad.sum()),))
+    return neg
+
+
+def _rng_state() -> dict[str, Any]:
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": random.getstate(),
+        "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)), int(np_state[2]), int(np_state[3]), float(np_state[4])],
+    }
+
+
+def _set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if torch.cuda.is_available() and state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = state["numpy"]
+    np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+
+
+def _new_run_dir(cfg: RunConfig) -> Path:
+    root = Path(cfg.train.runs_dir)
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    base = f"{cfg.model}-{cfg.data.dataset}-{stamp}"
+    path, i = root / base, 1
+    while path.exists():
+        i += 1
+        path = root / f"{base}-{i}"
+    path.mkdir(parents=True)
+    return path
+
+
+class Trainer:
+    """Trains one model on one split; every state needed for an exact resume lives in last.pt."""
+
+    def __init__(self, cfg: RunConfig, run_dir: Path, data: SequenceData, split: Split,
+                 printer: Printer = print, progress: bool = True):
+        self.cfg, self.run_dir, self.data, self.split = cfg, run_dir, data, split
+        self.print = printer
+        self.progress = progress
+        self.device = resolve_device(cfg.train.device)
+        if cfg.train.num_threads > 0:
+            torch.set_num_threads(cfg.train.num_threads)
+        seed_everything(cfg.train.seed)
+        self.model: SequentialRecommender = create_model(
+            cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss).to(self.device)
+        self.model.prepare(split.train)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        self.history = history_mode(cfg)
+        self.epoch = 0
+        self.best_metric = -math.inf
+        self.best_epoch = 0
+        self.bad_epochs = 0
+        self.train_seconds = 0.0
+        self.train_samples = 0
+
+    # -- checkpoints -------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        return {
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "epoch": self.epoch,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "bad_epochs": self.bad_epochs,
+            "train_seconds": self.train_seconds,
+            "train_samples": self.train_samples,
+            "rng": _rng_state(),
+            "item_fingerprint": self.data.item_fingerprint,
+        }
+
+    def load_state(self, ckpt: dict[str, Any]) -> None:
+        if ckpt["item_fingerprint"] != self.data.item_fingerprint:
+            raise AthweError(f"{self.run_dir}: checkpoint item map {ckpt['item_fingerprint']} does not match "
+                             f"the dataset's {self.data.item_fingerprint}")
+        self.model.load_state_dict(ckpt["model"])
+        self.optimizer.load_state_dict(ckpt["optimizer"])
+        for k in ("epoch", "best_metric", "best_epoch", "bad_epochs", "train_seconds", "train_samples"):
+            setattr(self, k, ckpt[k])
+        _set_rng_state(ckpt["rng"])
+
+    # -- loop --------------------------------------------------------------------------------
+    def train_epoch(self) -> float:
+        self.model.train()
+        train = self.split.train
+        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(len(train), generator=g)
+        bs = self.cfg.train.batch_size
+        total, steps = 0.0, 0
+        bar = tqdm(range(0, len(train), bs), desc=f"epoch {self.epoch + 1}", leave=False,
+                   disable=not self.progress or None, unit="batch")
+        for start in bar:
+            batch = train.batch(perm[start:start + bs])
+            if self.cfg.train.loss == "bce":
+                batch.neg = sample_negatives(batch, self.data.n_items)
+            loss = self.model.loss(batch.to(self.device))
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            total += loss.item()
+            steps += 1
+            if steps % 20 == 0:
+                bar.set_postfix(loss=f"{total / steps:.4f}")
+        return total / max(steps, 1)
+
+    def evaluate(self, samples: SampleSet) -> dict[str, float]:
+        self.model.eval()
+        metrics, _ = evaluate(self.model.scores, samples, self.history, self.cfg.train.eval_batch_size, self.device)
+        return metrics
+
+    def fit(self, stop_after: int | None = None) -> dict[str, Any]:
+        """Train until early stopping or the epoch limit; `stop_after` ends this call after that many
+        epochs (used to test resume), leaving last.pt to continue from."""
+        cfg = self.cfg.train
+        metric = cfg.valid_metric
+        done_now = 0
+        while self.epoch < cfg.epochs and self.bad_epochs < cfg.patience:
+            t0 = time.perf_counter()
+            loss = self.train_epoch()
+            dt = time.perf_counter() - t0
+            self.train_seconds += dt
+            self.train_samples += len(self.split.train)
+            self.epoch += 1
+            valid = self.evaluate(self.split.valid)
+            improved = valid[metric] > self.best_metric
+            if improved:
+                self.best_metric, self.best_epoch, self.bad_epochs = valid[metric], self.epoch, 0
+                atomic_torch_save(self.model.state_dict(), self.run_dir / "best.pt")
+            else:
+                self.bad_epochs += 1
+            record = {"epoch": self.epoch, "train_loss": round(loss, 6), "train_seconds": round(dt, 3),
+                      "samples_per_s": round(len(self.split.train) / dt, 1),
+                      **{f"valid_{k}": round(v, 6) for k, v in valid.items()}}
+            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+            atomic_torch_save(self.state(), self.run_dir / "last.pt")
+            self.print(f"epoch {self.epoch:3d}  loss {loss:.4f}  valid {metric} {valid[metric]:.4f}"
+                       f"{'  *' if improved else ''}  ({dt:.1f}s, {record['samples_per_s']:.0f} samples/s)")
+            done_now += 1
+            if stop_after is not None and done_now >= stop_after and self.epoch < cfg.epochs:
+                return {}
+        return self.finish()
+
+    def finish(self) -> dict[str, Any]:
+        best = self.run_dir / "best.pt"
+        if best.is_file():
+            self.model.load_state_dict(torch.load(best, map_location=self.device, weights_only=True))
+        valid = self.evaluate(self.split.valid)
+        test = self.evaluate(self.split.test)
+        results = {
+            "header": results_header(self.cfg),
+            "best_epoch": self.best_epoch,
+            "epochs_run": self.epoch,
+            "train_seconds": round(self.train_seconds, 2),
+            "train_samples_per_s": round(self.train_samples / self.train_seconds, 1) if self.train_seconds else None,
+            "valid": valid,
+            "test": test,
+            "data": self.data.summary(),
+            "item_fingerprint": self.data.item_fingerprint,
+        }
+        atomic_write_json(self.run_dir / "results.json", results)
+        write_curves(self.run_dir)
+        self.print(format_results(results["header"], test))
+        return results
+
+
+def write_curves(run_dir: Path) -> None:
+    """Training loss and validation metrics per epoch, as curves.png."""
+    path = run_dir / "metrics.jsonl"
+    if not path.is_file():
+        return
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    ep = [r["epoch"] for r in rows]
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    a.plot(ep, [r["train_loss"] for r in rows], marker=".")
+    a.set_xlabel("epoch"), a.set_ylabel("train loss"), a.set_title("training loss")
+    for key in ("valid_HR@10", "valid_NDCG@10", "valid_NDCG@20"):
+        b.plot(ep, [r[key] for r in rows], marker=".", label=key[6:])
+    b.set_xlabel("epoch"), b.set_title("validation"), b.legend()
+    fig.tight_layout()
+    with atomic_path(run_dir / "curves.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=100)
+    plt.close(fig)
+
+
+def save_run_files(run_dir: Path, cfg: RunConfig, data: SequenceData) -> None:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    atomic_write_json(run_dir / "item_map.json", data.item_map())
+
+
+def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = print, progress: bool = True,
+          stop_after: int | None = None) -> tuple[Path, dict[str, Any]]:
+    """Train a model from a resolved config into a new run folder; returns (run_dir, results)."""
+    data, split = load_data(cfg)
+    printer(f"{cfg.data.dataset}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions; "
+            f"{len(split.train)} training samples ({cfg.data.preset} preset, N={cfg.data.max_seq_length})")
+    run = Path(run_dir) if run_dir else _new_run_dir(cfg)
+    run.mkdir(parents=True, exist_ok=True)
+    save_run_files(run, cfg, data)
+    trainer = Trainer(cfg, run, data, split, printer, progress)
+    printer(f"run folder: {run}  model: {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters) "
+            f"device: {trainer.device}")
+    return run, trainer.fit(stop_after=stop_after)
+
+
+def load_run_config(run_dir: str | Path) -> RunConfig:
+    run = Path(run_dir)
+    path = run / "config.yaml"
+    if not path.is_file():
+        raise AthweError(f"{run}: not a run folder (no config.yaml)")
+    return config_from_dict(yaml.safe_load(path.read_text()))
+
+
+def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
+           stop_after: int | None = None) -> dict[str, Any]:
+    """Continue an interrupted run from its last.pt; ends as the uninterrupted run would."""
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    last = run / "last.pt"
+    if not last.is_file():
+        raise AthweError(f"{last}: no checkpoint to resume from")
+    data, split = load_data(cfg)
+    trainer = Trainer(cfg, run, data, split, printer, progress)
+    trainer.load_state(torch.load(last, map_location="cpu", weights_only=True))
+    # drop epoch records written after the checkpoint (a kill between the two writes)
+    mpath = run / "metrics.jsonl"
+    if mpath.is_file():
+        rows = [r for r in mpath.read_text().splitlines() if r.strip() and json.loads(r)["epoch"] <= trainer.epoch]
+        atomic_write_text(mpath, "".join(r + "\n" for r in rows))
+    printer(f"resuming {run} after epoch {trainer.epoch} (best {cfg.train.valid_metric} {trainer.best_metric:.4f} at epoch {trainer.best_epoch})")
+    return trainer.fit(stop_after=stop_after)
+
+
+def evaluate_run(run_dir: str | Path, split_name: str = "test", history: str | None = None,
+                 batch_size: int | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run's best checkpoint."""
+    run = Path(run_dir)
+    cfg = load_run_config(run)
+    if history:
+        cfg.data.history = history
+    best = run / "best.pt"
+    if not best.is_file():
+        raise AthweError(f"{best}: run has no best checkpoint yet")
+    data, split = load_data(cfg)
+    saved = json.loads((run / "item_map.json").read_text())["fingerprint"]
+    if saved != data.item_fingerprint:
+        raise AthweError(f"{run}: item map {saved} does not match dataset {cfg.data.dataset} ({data.item_fingerprint})")
+    device = resolve_device(cfg.train.device)
+    model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss).to(device)
+    model.load_state_dict(torch.load(best, map_location=device, weights_only=True))
+    model.eval()
+    samples = split.test if split_name == "test" else split.valid
+    metrics, _ = evaluate(model.scores, samples, history_mode(cfg), batch_size or cfg.train.eval_batch_size, device)
+    return {"header": results_header(cfg), split_name: metrics}
