@@ -24,6 +24,9 @@ LOSSES = ("ce", "bce")
 class SequentialRecommender(nn.Module):
     """Base class: subclasses implement ``query_vectors`` and ``item_vectors``; ``extra_loss`` is optional."""
 
+    #: True when outputs ignore padded positions exactly, so evaluation may drop all-padding columns
+    supports_trimming: bool = False
+
     def __init__(self, config: Any, n_items: int, max_seq_length: int, loss_type: str = "ce"):
         super().__init__()
         if loss_type not in LOSSES:

@@ -25,6 +25,7 @@ class SASRecConfig:
 
 @register_model("sasrec", SASRecConfig, "SASRec: causal multi-head self-attention (ID only)")
 class SASRec(SequentialRecommender):
+    supports_trimming = True  # padding keys are masked out of attention
     def __init__(self, config: SASRecConfig, n_items: int, max_seq_length: int, loss_type: str = "ce"):
         super().__init__(config, n_items, max_seq_length, loss_type)
         c = config
@@ -34,15 +35,17 @@ class SASRec(SequentialRecommender):
             for _ in range(c.num_layers))
         self.apply(lambda m: init_weights(m, c.initializer_range))
 
-    def encode(self, input_ids: torch.Tensor) -> torch.Tensor:
+    def encode(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, N, d) hidden states; with `last_only` the final block computes the last position
+        alone, (B, 1, d), which is all the readout needs (identical values, about half the work)."""
         x = self.embedding(input_ids)
         mask = attention_mask(input_ids, causal=True)
-        for block in self.blocks:
-            x = block(x, mask)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
         return x
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
-        return self.encode(batch.input_ids)[:, -1]
+        return self.encode(batch.input_ids, last_only=True)[:, -1]
 
     def item_vectors(self) -> torch.Tensor:
         return self.embedding.item.weight

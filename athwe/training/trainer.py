@@ -185,7 +185,8 @@ class Trainer:
 
     def evaluate(self, samples: SampleSet) -> dict[str, float]:
         self.model.eval()
-        metrics, _ = evaluate(self.model.scores, samples, self.history, self.cfg.train.eval_batch_size, self.device)
+        metrics, _ = evaluate(self.model.scores, samples, self.history, self.cfg.train.eval_batch_size, self.device,
+                              trim=self.model.supports_trimming)
         return metrics
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
@@ -337,5 +338,6 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", history: str | N
     model.load_state_dict(torch.load(best, map_location=device, weights_only=True))
     model.eval()
     samples = split.test if split_name == "test" else split.valid
-    metrics, _ = evaluate(model.scores, samples, history_mode(cfg), batch_size or cfg.train.eval_batch_size, device)
+    metrics, _ = evaluate(model.scores, samples, history_mode(cfg), batch_size or cfg.train.eval_batch_size, device,
+                          trim=model.supports_trimming)
     return {"header": results_header(cfg), split_name: metrics}

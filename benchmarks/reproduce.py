@@ -1,0 +1,87 @@
+"""Train models on the shared datasets and tabulate test metrics beside the published numbers.
+
+Example (what benchmarks/results/sasrec_lastfm.md was made with):
+    python benchmarks/reproduce.py --models sasrec --datasets LastFM --losses bce,ce --seeds 42 \
+        --out benchmarks/results/sasrec_lastfm
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from published import PUBLISHED, REFERENCE_HERE  # noqa: E402
+
+from athwe.config import resolve_config  # noqa: E402
+from athwe.training.trainer import train  # noqa: E402
+
+METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--models", default="sasrec")
+    ap.add_argument("--datasets", default="LastFM")
+    ap.add_argument("--losses", default="ce")
+    ap.add_argument("--seeds", default="42")
+    ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
+    ap.add_argument("--runs-dir", default="benchmarks/runs")
+    ap.add_argument("--set", action="append", default=[], help="extra config override, e.g. data.max_seq_length=200")
+    ap.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
+    args = ap.parse_args()
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    rows = []
+    for dataset in args.datasets.split(","):
+        for model in args.models.split(","):
+            for loss in args.losses.split(","):
+                runs = []
+                for seed in [int(s) for s in args.seeds.split(",")]:
+                    cfg = resolve_config(model, dataset, overrides=args.set, flags={
+                        "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed, "train.runs_dir": args.runs_dir})
+                    t0 = time.time()
+                    run_dir, res = train(cfg, progress=False)
+                    runs.append({"seed": seed, "run_dir": str(run_dir), "wall_s": round(time.time() - t0, 1),
+                                 "best_epoch": res["best_epoch"], "epochs": res["epochs_run"],
+                                 "samples_per_s": res["train_samples_per_s"], "test": res["test"],
+                                 "header": res["header"], "config": cfg.to_dict()})
+                    print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
+                rows.append({"dataset": dataset, "model": model, "loss": loss, "runs": runs})
+                write(args.out, command, rows)
+
+
+def write(out: str, command: str, rows: list[dict]) -> None:
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    Path(out + ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    lines = [f"# Reproduction: {', '.join(sorted({r['model'] for r in rows}))} on {', '.join(sorted({r['dataset'] for r in rows}))}", "",
+             f"Command: `{command}`", "",
+             "Full ranking over all items, chronological leave-one-out, one target per user; "
+             "ties count items scored strictly higher; padding excluded.", "",
+             "| dataset | model | loss | preset / history | seeds | " + " | ".join(METRICS) + " | best epoch | epochs | samples/s | wall s |",
+             "|---" * (10 + len(METRICS)) + "|"]
+    for r in rows:
+        runs = r["runs"]
+        h = runs[0]["header"]
+        cells = []
+        for m in METRICS:
+            vals = [x["test"][m] for x in runs]
+            cells.append(f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['loss']} | {h['preset']} / {h['history']} | "
+                     f"{','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
+                     f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
+                     f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f} |")
+        for label, table in (("published", PUBLISHED), ("reference code here", REFERENCE_HERE)):
+            pub = table.get((r["dataset"], r["model"]))
+            if pub:
+                lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
+                             " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
+    lines += ["", "Per-seed values, run folders and resolved configs are in the .json beside this file.", ""]
+    Path(out + ".md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

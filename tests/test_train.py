@@ -1,0 +1,163 @@
+"""Trainer: run folder contents, checkpoints, exact resume, config precedence, CLI errors."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from typer.testing import CliRunner
+
+from athwe.cli import app
+from athwe.config import resolve_config
+from athwe.errors import ConfigError
+from athwe.training import trainer as tr
+from conftest import SHARED_DATA, TINY_MODEL
+
+
+def tiny_cfg(data_dir: Path, runs: Path, **train):
+    overrides = [f"model_args.{k}={v}" for k, v in TINY_MODEL.items()]
+    flags = {"data.data_dir": str(data_dir), "train.runs_dir": str(runs), "data.max_seq_length": 8,
+             "train.batch_size": 32, "train.epochs": 5, "train.patience": 10, "data.preset": "recbole"}
+    flags.update({f"train.{k}": v for k, v in train.items()})
+    return resolve_config("sasrec", "tiny", overrides=overrides, flags=flags)
+
+
+def test_run_folder_contents_and_weights_only_checkpoints(tiny_data_dir, tmp_path):
+    run, res = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=3), printer=lambda s: None, progress=False)
+    for name in ("config.yaml", "item_map.json", "metrics.jsonl", "results.json", "curves.png", "best.pt", "last.pt"):
+        assert (run / name).is_file(), name
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3]
+    best = torch.load(run / "best.pt", weights_only=True)
+    assert "embedding.item.weight" in best
+    last = torch.load(run / "last.pt", weights_only=True)
+    assert last["epoch"] == 3 and set(last) >= {"model", "optimizer", "rng", "best_metric", "bad_epochs"}
+    saved = json.loads((run / "results.json").read_text())
+    assert saved["header"]["preset"] == "recbole" and saved["header"]["history"] == "none"
+    assert saved["header"]["loss"] == "ce" and saved["header"]["split"].startswith("chronological leave-one-out")
+    assert saved["test"] == res["test"] and 0.0 <= res["test"]["NDCG@10"] <= 1.0
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["model_args"]["hidden_size"] == 16 and cfg["train"]["epochs"] == 3
+
+
+def test_training_learns_the_tiny_pattern(tiny_data_dir, tmp_path):
+    _, res = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=30, lr=0.01), printer=lambda s: None, progress=False)
+    # next item is id+0 or id+1 of 50: a model that learned it has HR@10 far above chance (0.2)
+    assert res["test"]["HR@10"] > 0.6
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_interrupted_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, monkeypatch, loss):
+    quiet = dict(printer=lambda s: None, progress=False)
+    run_a, full = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "a", loss=loss), **quiet)
+
+    # kill the second run in the middle of epoch 3 (after epoch 2's checkpoint was written)
+    original = tr.Trainer.train_epoch
+
+    def dying(self):
+        if self.epoch == 2:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(tr.Trainer, "train_epoch", dying)
+    cfg_b = tiny_cfg(tiny_data_dir, tmp_path / "b", loss=loss)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg_b, run_dir=tmp_path / "b" / "run", **quiet)
+    monkeypatch.setattr(tr.Trainer, "train_epoch", original)
+    assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["epoch"] == 2
+    resumed = tr.resume(tmp_path / "b" / "run", **quiet)
+
+    assert resumed["test"] == full["test"]
+    assert resumed["valid"] == full["valid"]
+    a = torch.load(run_a / "last.pt", weights_only=True)["model"]
+    b = torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows = (tmp_path / "b" / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(r)["epoch"] for r in rows] == [1, 2, 3, 4, 5]
+
+
+def test_early_stopping_and_best_checkpoint(tiny_data_dir, tmp_path):
+    run, res = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=50, patience=2, lr=0.05),
+                        printer=lambda s: None, progress=False)
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    metric = [r["valid_NDCG@20"] for r in rows]
+    best = max(range(len(metric)), key=lambda i: (metric[i], -i))
+    assert res["best_epoch"] == best + 1
+    assert len(rows) - res["best_epoch"] == 2 or len(rows) == 50
+    assert res["valid"]["NDCG@20"] == pytest.approx(metric[best], abs=1e-6)
+
+
+def test_config_precedence(tmp_path, monkeypatch):
+    cdir = tmp_path / "configs"
+    (cdir / "datasets").mkdir(parents=True)
+    (cdir / "datasets" / "X.yaml").write_text("train: {lr: 0.1, batch_size: 7}\ndata: {preset: recbole}\n")
+    (cdir / "sasrec.yaml").write_text("train: {lr: 0.2}\ndatasets:\n  X: {train: {epochs: 3}}\n")
+    user = tmp_path / "user.yaml"
+    user.write_text("train: {epochs: 4, seed: 9}\n")
+    monkeypatch.setenv("ATHWE_CONFIG_DIR", str(cdir))
+    cfg = resolve_config("sasrec", "X", str(user), ["train.seed=10", "model_args.num_heads=1"], {"train.seed": 11})
+    assert cfg.train.batch_size == 7 and cfg.data.preset == "recbole"  # dataset file
+    assert cfg.train.lr == 0.2  # model file over dataset file
+    assert cfg.train.epochs == 4  # --config over the model's per-dataset section
+    assert cfg.train.seed == 11  # flag over --set over --config
+    assert cfg.model_args["num_heads"] == 1
+    with pytest.raises(ConfigError, match="unknown key train.nope"):
+        resolve_config("sasrec", "X", overrides=["train.nope=1"])
+    with pytest.raises(ConfigError, match="unknown model key"):
+        resolve_config("sasrec", "X", overrides=["model_args.nope=1"])
+    with pytest.raises(ConfigError, match="must be int"):
+        resolve_config("sasrec", "X", overrides=["train.epochs=abc"])
+
+
+def _cli(args, tmp_path):
+    return CliRunner().invoke(app, args, catch_exceptions=False)
+
+
+@pytest.mark.parametrize("content,needle", [
+    ("user_id\titem_id\n1\t2\n", "malformed header"),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\tyesterday\n", "is not a number"),
+    ("user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\n", "expected 3 tab-separated fields"),
+])
+def test_cli_bad_input_exits_2_with_one_line(tmp_path, content, needle):
+    d = tmp_path / "data" / "bad"
+    d.mkdir(parents=True)
+    (d / "bad.inter").write_text(content)
+    runs = tmp_path / "runs"
+    res = _cli(["train", "--dataset", "bad", "--data-dir", str(tmp_path / "data"), "--runs-dir", str(runs)], tmp_path)
+    assert res.exit_code == 2
+    err = res.stderr.strip()
+    assert len(err.splitlines()) == 1 and needle in err and "bad.inter" in err
+    assert not runs.exists() or not any(runs.iterdir())  # nothing half-written
+
+
+def test_cli_unknown_model_and_missing_dataset(tmp_path):
+    res = _cli(["train", "--model", "nope", "--runs-dir", str(tmp_path / "r")], tmp_path)
+    assert res.exit_code == 2 and "unknown model 'nope'" in res.stderr
+    res = _cli(["data", "info", "--dataset", "missing", "--data-dir", str(tmp_path)], tmp_path)
+    assert res.exit_code == 2 and "dataset folder not found" in res.stderr
+    res = _cli(["evaluate", "--run", str(tmp_path)], tmp_path)
+    assert res.exit_code == 2 and "not a run folder" in res.stderr
+
+
+def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path):
+    run = tmp_path / "run"
+    res = _cli(["train", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--run-dir", str(run), "--epochs", "2",
+                "--max-seq-length", "8", "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert "NDCG" in res.stdout
+    saved = json.loads((run / "results.json").read_text())["test"]
+    for bs in ("1", "1000"):
+        res = _cli(["evaluate", "--run", str(run), "--json", "--batch-size", bs], tmp_path)
+        assert res.exit_code == 0
+        assert json.loads(res.stdout)["test"] == saved
+
+
+@pytest.mark.skipif(not (SHARED_DATA / "LastFM").is_dir(), reason="shared data not present")
+def test_data_info_on_lastfm():
+    res = CliRunner().invoke(app, ["data", "info", "--dataset", "LastFM", "--data-dir", str(SHARED_DATA), "--json"])
+    assert res.exit_code == 0
+    info = json.loads(res.stdout)
+    assert (info["users"], info["items"], info["interactions"]) == (1090, 3646, 52551)
