@@ -1,0 +1,148 @@
+"""Checks every registered model must pass (run for each name in the registry)."""
+from __future__ import annotations
+
+import dataclasses
+import io
+
+import pytest
+import torch
+
+import athwe.models as models
+from athwe.dataset.split import Batch
+from athwe.models import create_model, get_entry, list_models
+
+N_ITEMS, N, B = 30, 8, 6
+SMALL = {"hidden_size": 16, "inner_size": 32, "num_layers": 2, "num_heads": 2}
+
+
+def small_config(name: str) -> dict:
+    fields = {f.name for f in dataclasses.fields(get_entry(name).config_cls)}
+    return {k: v for k, v in SMALL.items() if k in fields}
+
+
+def make_model(name: str, seed: int = 0, loss: str = "ce"):
+    torch.manual_seed(seed)
+    return create_model(name, N_ITEMS, N, small_config(name), loss)
+
+
+def make_batch(seed: int = 1) -> Batch:
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(1, N_ITEMS + 1, (B, N), generator=g)
+    lengths = torch.tensor([1, 2, 3, 5, 7, 8])
+    for i, length in enumerate(lengths.tolist()):
+        ids[i, : N - length] = 0
+    ts = torch.cumsum(torch.randint(60, 10_000, (B, N), generator=g), 1).double() + 1.6e9
+    ts[ids == 0] = 0.0
+    target = torch.randint(1, N_ITEMS + 1, (B,), generator=g)
+    neg = torch.randint(1, N_ITEMS + 1, (B,), generator=g)
+    return Batch(ids, ts, target, torch.arange(B), ts[:, -1] + 100.0, neg)
+
+
+def one_step(model, batch: Batch) -> torch.Tensor:
+    model.train()
+    loss = model.loss(batch)
+    loss.backward()
+    return loss
+
+
+@pytest.fixture(params=list_models())
+def name(request) -> str:
+    return request.param
+
+
+def test_registry_lists_models():
+    assert "sasrec" in models.list_models()
+
+
+def test_shapes_and_inner_product_contract(name):
+    model = make_model(name).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        q, items, scores = model.query_vectors(batch), model.item_vectors(), model.scores(batch)
+    assert items.shape[0] == N_ITEMS + 1 and q.shape == (B, items.shape[1])
+    assert scores.shape == (B, N_ITEMS + 1)
+    torch.testing.assert_close(scores, q @ items.t(), rtol=1e-5, atol=1e-5)
+    assert torch.isfinite(scores).all()
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_every_parameter_gets_a_gradient(name, loss):
+    model = make_model(name, loss=loss)
+    one_step(model, make_batch())
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+    assert not missing, f"{name}: parameters without gradient: {missing}"
+
+
+def test_padding_values_do_not_change_predictions(name):
+    model = make_model(name).eval()
+    batch = make_batch()
+    other = dataclasses.replace(batch, timestamps=batch.timestamps.clone())
+    other.timestamps[batch.input_ids == 0] = 12345.0  # what sits under padding must not matter
+    with torch.no_grad():
+        torch.testing.assert_close(model.scores(batch), model.scores(other))
+
+
+def test_row_independent_of_batch_neighbours(name):
+    model = make_model(name).eval()
+    batch = make_batch()
+    with torch.no_grad():
+        full = model.scores(batch)
+        for i in range(B):
+            single = model.scores(Batch(*(t[i:i + 1] if t is not None else None for t in dataclasses.astuple(batch))))
+            torch.testing.assert_close(single[0], full[i], rtol=1e-5, atol=1e-5)
+
+
+def test_trimmed_padding_is_exact_when_supported(name):
+    model = make_model(name).eval()
+    if not model.supports_trimming:
+        pytest.skip(f"{name} mixes padded positions (as its reference code does)")
+    batch = make_batch()
+    row = 3  # 5 real items
+    with torch.no_grad():
+        full = model.scores(batch)[row]
+        width = int((batch.input_ids[row] > 0).sum())
+        trimmed = Batch(batch.input_ids[row:row + 1, -width:], batch.timestamps[row:row + 1, -width:],
+                        batch.target[row:row + 1], batch.user[row:row + 1], batch.target_time[row:row + 1])
+        torch.testing.assert_close(model.scores(trimmed)[0], full, rtol=1e-5, atol=1e-5)
+
+
+def test_save_load_round_trip(name):
+    model = make_model(name, seed=0).eval()
+    one_step(make_model(name), make_batch())
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    clone = make_model(name, seed=123).eval()
+    clone.load_state_dict(torch.load(buf, weights_only=True))
+    batch = make_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(clone.scores(batch), model.scores(batch), rtol=0, atol=0)
+
+
+def test_same_seed_same_result(name):
+    losses, states = [], []
+    for _ in range(2):
+        model = make_model(name, seed=7)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        torch.manual_seed(99)
+        for step in range(3):
+            opt.zero_grad()
+            loss = one_step(model, make_batch(step))
+            opt.step()
+        losses.append(loss.item())
+        states.append(model.state_dict())
+    assert losses[0] == losses[1]
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_training_step_reduces_loss_on_a_fixed_batch(name):
+    model = make_model(name, seed=3)
+    opt = torch.optim.Adam(model.parameters(), lr=5e-3)
+    batch = make_batch()
+    model.eval()  # no dropout noise, so the comparison is about learning
+    first = model.loss(batch).item()
+    for _ in range(30):
+        opt.zero_grad()
+        model.loss(batch).backward()
+        opt.step()
+    assert model.loss(batch).item() < first
