@@ -61,10 +61,12 @@ def read_atomic(path: str | Path) -> AtomicTable:
             names, types = _parse_header(path, header)
             n = len(names)
             raw: list[list[str]] = [[] for _ in range(n)]
+            linenos: list[int] = []
             for lineno, line in enumerate(f, start=2):
                 line = line.rstrip("\r\n")
                 if not line:
                     continue
+                linenos.append(lineno)
                 parts = line.split("\t")
                 if len(parts) != n:
                     raise DataError(f"{path}:{lineno}: expected {n} tab-separated fields, found {len(parts)}")
@@ -80,13 +82,14 @@ def read_atomic(path: str | Path) -> AtomicTable:
         elif typ == "token_seq":
             table.columns[name] = [v.split() for v in col]
         elif typ == "float":
-            table.columns[name] = _to_float(path, name, col)
+            table.columns[name] = _to_float(path, name, col, linenos)
         else:
-            table.columns[name] = [_to_float(path, name, v.split()) for v in col]
+            table.columns[name] = [_to_float(path, name, v.split(), [ln] * len(v.split())) for v, ln in zip(col, linenos)]
     return table
 
 
-def _to_float(path: Path, name: str, values: list[str]) -> np.ndarray:
+def _to_float(path: Path, name: str, values: list[str], linenos: list[int]) -> np.ndarray:
+    """Floats of one column; `linenos[i]` is the file line of values[i], for error messages."""
     try:
         arr = np.asarray(values, dtype=np.float64)
     except ValueError:
@@ -94,11 +97,11 @@ def _to_float(path: Path, name: str, values: list[str]) -> np.ndarray:
             try:
                 float(v)
             except ValueError:
-                raise DataError(f"{path}:{i + 2}: column {name} value {v!r} is not a number") from None
+                raise DataError(f"{path}:{linenos[i]}: column {name} value {v!r} is not a number") from None
         raise
     if not np.all(np.isfinite(arr)):
         i = int(np.flatnonzero(~np.isfinite(arr))[0])
-        raise DataError(f"{path}:{i + 2}: column {name} value {values[i]!r} is not finite")
+        raise DataError(f"{path}:{linenos[i]}: column {name} value {values[i]!r} is not finite")
     return arr
 
 

@@ -18,6 +18,7 @@ import torch
 from athwe.dataset.split import SampleSet
 
 KS = (5, 10, 20, 50)
+MISS_RANK = 1 << 40  # rank given to a target that was removed from the ranking (never within any K)
 HISTORY_MODES = ("none", "zero", "exclude")
 
 
@@ -88,5 +89,9 @@ def evaluate(score_fn: Callable, samples: SampleSet, history: str = "none", batc
             r, it = samples.history_of(rows)
             apply_history(scores, r, it, history)
         scores[:, 0] = -math.inf
-        ranks[rows] = rank_of_target(scores, batch.target).cpu()
+        rank = rank_of_target(scores, batch.target)
+        if history == "exclude":  # a target removed from the ranking is a miss, whatever the catalogue size
+            rank = torch.where(torch.isneginf(scores.gather(1, batch.target.unsqueeze(1))).squeeze(1),
+                               torch.full_like(rank, MISS_RANK), rank)
+        ranks[rows] = rank.cpu()
     return metrics_from_ranks(ranks, ks), ranks
