@@ -96,6 +96,78 @@ def evaluate(
     _guard(go)
 
 
+def _latest_run(runs_dir: str) -> Path:
+    runs = sorted((p for p in Path(runs_dir).glob("*/results.json")), key=lambda p: p.stat().st_mtime)
+    if not runs:
+        raise AthweError(f"{runs_dir}: no finished run found (train one with `athwe train`, or pass --run)")
+    return runs[-1].parent
+
+
+@app.command()
+def index(
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where to look for the latest run."),
+    kind: str = typer.Option("auto", "--kind", help="auto (exact up to 100k items, else HNSW), flat, hnsw or ivfpq."),
+    hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW graph degree."),
+    ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build breadth."),
+    ef_search: int = typer.Option(128, "--ef-search", help="HNSW search breadth."),
+    nlist: Optional[int] = typer.Option(None, "--nlist", help="IVF lists (default 4*sqrt(n))."),
+    pq_m: Optional[int] = typer.Option(None, "--pq-m", help="PQ sub-quantizers (default dim/2)."),
+    nprobe: int = typer.Option(32, "--nprobe", help="IVF lists searched per query."),
+    refine: int = typer.Option(10, "--refine", help="IVF-PQ: re-rank refine*k candidates exactly (0 = off)."),
+) -> None:
+    """Build a FAISS inner-product index over a run's item vectors (saved in the run folder)."""
+    from athwe.retrieval import build_run_index
+
+    def go() -> None:
+        target = run or _latest_run(runs_dir)
+        meta = build_run_index(target, kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
+                               nlist=nlist, pq_m=pq_m, nprobe=nprobe, refine=refine)
+        typer.echo(f"{target}/index.faiss: {meta['kind']} index over {meta['n_items']:,} items x {meta['dim']} "
+                   f"(built in {meta['build_seconds']:.2f} s)")
+
+    _guard(go)
+
+
+@app.command()
+def retrieve(
+    user: Optional[str] = typer.Option(None, "--user", "-u", help="User token as in the dataset files."),
+    k: int = typer.Option(10, "-k", "--top-k", help="How many items."),
+    run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where to look for the latest run."),
+    exclude_history: bool = typer.Option(True, "--exclude-history/--include-history", help="Drop items the user already has."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    all_users: bool = typer.Option(False, "--all-users", help="Top-k for every user, written to --out (JSON lines)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Output file for --all-users."),
+    batch_size: int = typer.Option(1024, "--batch-size", help="Users per batch for --all-users."),
+) -> None:
+    """Top-k items for a user from a run's index, with titles when the dataset has them."""
+    from athwe.retrieval import Retriever
+
+    def go() -> None:
+        if all_users == (user is not None):
+            raise AthweError("pass exactly one of --user or --all-users")
+        if k < 1:
+            raise AthweError("-k must be at least 1")
+        retriever = Retriever(run or _latest_run(runs_dir))
+        if all_users:
+            if out is None:
+                raise AthweError("--all-users needs --out FILE")
+            n = retriever.write_all(out, k, exclude_history, batch_size)
+            typer.echo(f"{out}: top-{k} for {n:,} users")
+            return
+        recs = retriever.recommend(user, k, exclude_history)
+        if as_json:
+            typer.echo(json.dumps([r.__dict__ for r in recs], indent=2))
+            return
+        typer.echo(f"top-{k} for user {user} ({retriever.run.name}, {retriever.meta['kind']} index, "
+                   f"history {'excluded' if exclude_history else 'included'})")
+        for r in recs:
+            typer.echo(f"{r.rank:3d}  {r.item:>12s}  {r.score:9.4f}  {r.title or ''}")
+
+    _guard(go)
+
+
 @app.command()
 def models() -> None:
     """List the registered models."""

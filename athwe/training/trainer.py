@@ -133,6 +133,7 @@ class Trainer:
         self.bad_epochs = 0
         self.train_seconds = 0.0
         self.train_samples = 0
+        self.build_index = True  # an exact retrieval index is written with the results
 
     # -- checkpoints -------------------------------------------------------------------------
     def state(self) -> dict[str, Any]:
@@ -242,6 +243,11 @@ class Trainer:
         atomic_write_json(self.run_dir / "results.json", results)
         write_curves(self.run_dir)
         self.print(format_results(results["header"], test))
+        if self.build_index:
+            from athwe.retrieval import build_run_index
+
+            meta = build_run_index(self.run_dir)
+            self.print(f"index: {meta['kind']} over {meta['n_items']:,} items in {self.run_dir / 'index.faiss'}")
         return results
 
 
@@ -319,17 +325,18 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     return trainer.fit(stop_after=stop_after)
 
 
-def evaluate_run(run_dir: str | Path, split_name: str = "test", history: str | None = None,
-                 batch_size: int | None = None) -> dict[str, Any]:
-    """Re-evaluate a finished run's best checkpoint."""
+def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, SequenceData, RunConfig]:
+    """A finished run's model (best checkpoint, eval mode) with its data; checks the item map."""
     run = Path(run_dir)
     cfg = load_run_config(run)
-    if history:
-        cfg.data.history = history
     best = run / "best.pt"
     if not best.is_file():
         raise AthweError(f"{best}: run has no best checkpoint yet")
-    data, split = load_data(cfg)
+    if cfg.data.dataset == "demo":
+        from athwe.dataset.demo import ensure_demo
+
+        ensure_demo(cfg.data.data_dir)
+    data = load_sequences(cfg.data.data_dir, cfg.data.dataset, kcore=cfg.data.kcore)
     saved = json.loads((run / "item_map.json").read_text())["fingerprint"]
     if saved != data.item_fingerprint:
         raise AthweError(f"{run}: item map {saved} does not match dataset {cfg.data.dataset} ({data.item_fingerprint})")
@@ -337,7 +344,17 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", history: str | N
     model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss).to(device)
     model.load_state_dict(torch.load(best, map_location=device, weights_only=True))
     model.eval()
+    return model, data, cfg
+
+
+def evaluate_run(run_dir: str | Path, split_name: str = "test", history: str | None = None,
+                 batch_size: int | None = None) -> dict[str, Any]:
+    """Re-evaluate a finished run's best checkpoint."""
+    model, data, cfg = load_run_model(run_dir)
+    if history:
+        cfg.data.history = history
+    split = build_split(data, cfg.data.max_seq_length, cfg.data.preset)
     samples = split.test if split_name == "test" else split.valid
-    metrics, _ = evaluate(model.scores, samples, history_mode(cfg), batch_size or cfg.train.eval_batch_size, device,
-                          trim=model.supports_trimming)
+    metrics, _ = evaluate(model.scores, samples, history_mode(cfg), batch_size or cfg.train.eval_batch_size,
+                          next(model.parameters()).device, trim=model.supports_trimming)
     return {"header": results_header(cfg), split_name: metrics}

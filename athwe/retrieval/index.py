@@ -1,0 +1,228 @@
+"""Build, save, load and search FAISS inner-product indexes for a run.
+
+A model's scores are query_vectors @ item_vectors.T (the model contract), so an exact
+inner-product index over item_vectors returns exactly the model's full-scoring top-k. Approximate
+indexes (HNSW, IVF-PQ) trade a little recall for latency on large catalogues. Padding (row 0) is
+never indexed; FAISS ids are internal item ids.
+
+Files in the run folder: ``index.faiss`` and ``index.json`` (kind, knobs, dimensions, the item-map
+fingerprint and a fingerprint of the checkpoint the vectors came from), both written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from athwe.errors import AthweError
+from athwe.utils import atomic_path, atomic_write_json
+
+INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")
+#: up to this many items `auto` picks the exact index (see benchmarks/results/retrieval.md: exact
+#: search stays around a millisecond per user up to ~100k items on 2 cores)
+EXACT_MAX_ITEMS = 100_000
+
+
+def _faiss():
+    try:
+        import faiss
+    except ImportError as e:  # pragma: no cover - dependency of the package
+        raise AthweError("faiss is not installed (pip install faiss-cpu)") from e
+    return faiss
+
+
+def file_fingerprint(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def build_index(vectors: np.ndarray, kind: str = "auto", hnsw_m: int = 32, ef_construction: int = 200,
+                ef_search: int = 128, nlist: int | None = None, pq_m: int | None = None, nprobe: int = 32,
+                refine: int = 10, train_size: int = 100_000, seed: int = 0) -> tuple[Any, dict[str, Any]]:
+    """An inner-product index over `vectors` (n, D), whose row j gets FAISS id j + 1 (item id)."""
+    faiss = _faiss()
+    if kind not in INDEX_KINDS:
+        raise AthweError(f"unknown index kind {kind!r} (one of {', '.join(INDEX_KINDS)})")
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    n, d = x.shape
+    if kind == "auto":
+        kind = "flat" if n <= EXACT_MAX_ITEMS else "hnsw"
+    knobs: dict[str, Any] = {}
+    if kind == "flat":
+        base = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        base = faiss.IndexHNSWFlat(d, hnsw_m, faiss.METRIC_INNER_PRODUCT)
+        base.hnsw.efConstruction = ef_construction
+        base.hnsw.efSearch = ef_search
+        knobs = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
+    else:
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
+        pq_m = pq_m or max(1, d // 2)
+        if d % pq_m:
+            raise AthweError(f"--pq-m {pq_m} must divide the vector width {d}")
+        quantizer = faiss.IndexFlatIP(d)
+        base = faiss.IndexIVFPQ(quantizer, d, nlist, pq_m, 8, faiss.METRIC_INNER_PRODUCT)
+        rng = np.random.default_rng(seed)
+        sample = x if n <= train_size else x[rng.choice(n, train_size, replace=False)]
+        base.train(sample)
+        base.nprobe = nprobe
+        knobs = {"nlist": nlist, "pq_m": pq_m, "nprobe": nprobe, "refine": refine}
+        if refine > 0:  # re-rank refine*k PQ candidates with exact inner products
+            base = faiss.IndexRefineFlat(base)
+            base.k_factor = float(refine)
+    index = faiss.IndexIDMap(base)
+    index.add_with_ids(x, np.arange(1, n + 1, dtype=np.int64))
+    return index, {"kind": kind, **knobs, "n_items": n, "dim": d}
+
+
+def set_search_knobs(index: Any, ef_search: int | None = None, nprobe: int | None = None) -> None:
+    faiss = _faiss()
+    base = faiss.downcast_index(index.index) if hasattr(index, "index") else index
+    if isinstance(base, faiss.IndexRefine):
+        base = faiss.downcast_index(base.base_index)
+    if ef_search is not None and hasattr(base, "hnsw"):
+        base.hnsw.efSearch = ef_search
+    if nprobe is not None and hasattr(base, "nprobe"):
+        base.nprobe = nprobe
+
+
+def build_run_index(run_dir: str | Path, kind: str = "auto", **knobs: Any) -> dict[str, Any]:
+    """Build the index for a finished run from its best checkpoint and save it in the run folder."""
+    from athwe.training.trainer import load_run_model
+
+    run = Path(run_dir)
+    model, data, _ = load_run_model(run)
+    with torch.inference_mode():
+        vectors = model.item_vectors()[1:].float().cpu().numpy()
+    t0 = time.perf_counter()
+    index, meta = build_index(vectors, kind, **knobs)
+    meta.update({"build_seconds": round(time.perf_counter() - t0, 3), "item_fingerprint": data.item_fingerprint,
+                 "checkpoint_fingerprint": file_fingerprint(run / "best.pt"), "model": model.__class__.__name__})
+    faiss = _faiss()
+    with atomic_path(run / "index.faiss") as tmp:
+        faiss.write_index(index, str(tmp))
+    atomic_write_json(run / "index.json", meta)
+    return meta
+
+
+def load_run_index(run_dir: str | Path, item_fingerprint: str) -> tuple[Any, dict[str, Any]]:
+    """Load a run's index, refusing one built for another item map or checkpoint."""
+    run = Path(run_dir)
+    meta_path, index_path = run / "index.json", run / "index.faiss"
+    if not meta_path.is_file() or not index_path.is_file():
+        raise AthweError(f"{run}: no index (build it with `athwe index --run {run}`)")
+    meta = json.loads(meta_path.read_text())
+    if meta["item_fingerprint"] != item_fingerprint:
+        raise AthweError(f"{index_path}: built for item map {meta['item_fingerprint']}, but the run's data has {item_fingerprint}")
+    if meta["checkpoint_fingerprint"] != file_fingerprint(run / "best.pt"):
+        raise AthweError(f"{index_path}: built from another checkpoint than {run / 'best.pt'}; rebuild with `athwe index --run {run}`")
+    return _faiss().read_index(str(index_path)), meta
+
+
+@dataclass
+class Recommendation:
+    rank: int
+    item_id: int
+    item: str
+    title: str | None
+    score: float
+
+
+class Retriever:
+    """Top-k recommendations for users of a run's dataset, through the run's index."""
+
+    def __init__(self, run_dir: str | Path):
+        from athwe.training.trainer import load_run_model
+
+        self.run = Path(run_dir)
+        self.model, self.data, self.cfg = load_run_model(self.run)
+        self.index, self.meta = load_run_index(self.run, self.data.item_fingerprint)
+        self.user_index = {tok: i for i, tok in enumerate(self.data.user_tokens)}
+        self.titles = item_titles(Path(self.cfg.data.data_dir) / self.cfg.data.dataset, self.data.item_tokens)
+
+    def user_batch(self, users: list[int]):
+        """Left-padded batches of each user's full known history (last N items)."""
+        from athwe.dataset.split import Batch
+
+        n = self.cfg.data.max_seq_length
+        ids = torch.zeros(len(users), n, dtype=torch.long)
+        ts = torch.zeros(len(users), n, dtype=torch.float64)
+        for row, u in enumerate(users):
+            a, b = int(self.data.offsets[u]), int(self.data.offsets[u + 1])
+            seq, t = self.data.items[a:b][-n:], self.data.times[a:b][-n:]
+            ids[row, n - len(seq):] = seq
+            ts[row, n - len(seq):] = t
+        last = ts[:, -1]
+        return Batch(ids, ts, torch.zeros(len(users), dtype=torch.long), torch.tensor(users), last)
+
+    def history(self, u: int) -> np.ndarray:
+        return self.data.items[int(self.data.offsets[u]):int(self.data.offsets[u + 1])].numpy()
+
+    def resolve_user(self, user: str) -> int:
+        if user not in self.user_index:
+            raise AthweError(f"unknown user {user!r} in dataset {self.cfg.data.dataset} ({self.data.n_users} users)")
+        return self.user_index[user]
+
+    def search(self, users: list[int], k: int = 10, exclude_history: bool = True) -> list[list[Recommendation]]:
+        device = next(self.model.parameters()).device
+        with torch.inference_mode():
+            q = self.model.query_vectors(self.user_batch(users).to(device)).float().cpu().numpy()
+        hist = [self.history(u) for u in users]
+        extra = max((len(np.unique(h)) for h in hist), default=0) if exclude_history else 0
+        scores, ids = self.index.search(np.ascontiguousarray(q), k + extra)
+        out = []
+        for row, u in enumerate(users):
+            seen = set(hist[row].tolist()) if exclude_history else set()
+            recs = []
+            for s, i in zip(scores[row], ids[row]):
+                if i < 1 or int(i) in seen:
+                    continue
+                recs.append(Recommendation(len(recs) + 1, int(i), self.data.item_tokens[i], self.titles.get(int(i)), float(s)))
+                if len(recs) == k:
+                    break
+            out.append(recs)
+        return out
+
+    def write_all(self, out: str | Path, k: int = 10, exclude_history: bool = True, batch_size: int = 1024) -> int:
+        """Top-k for every user as JSON lines {user, items, scores}, written atomically."""
+        from tqdm.auto import tqdm
+
+        with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            for start in tqdm(range(0, self.data.n_users, batch_size), desc="users", unit="batch", disable=None):
+                users = list(range(start, min(start + batch_size, self.data.n_users)))
+                for u, recs in zip(users, self.search(users, k, exclude_history)):
+                    f.write(json.dumps({"user": self.data.user_tokens[u], "items": [r.item for r in recs],
+                                        "scores": [round(r.score, 6) for r in recs]}) + "\n")
+        return self.data.n_users
+
+    def recommend(self, user: str, k: int = 10, exclude_history: bool = True) -> list[Recommendation]:
+        return self.search([self.resolve_user(user)], k, exclude_history)[0]
+
+
+def item_titles(dataset_dir: Path, item_tokens: list[str]) -> dict[int, str]:
+    """Item id -> title from `<name>.item` when the dataset has one (title / movie_title column)."""
+    from athwe.dataset.atomic import read_atomic
+
+    path = dataset_dir / f"{dataset_dir.name}.item"
+    if not path.is_file():
+        return {}
+    table = read_atomic(path)
+    icol = table.find("item_id", "item", "iid")
+    tcol = table.find("title", "movie_title", "name")
+    if icol is None or tcol is None:
+        return {}
+    pos = {tok: i for i, tok in enumerate(item_tokens)}
+    out = {}
+    for tok, title in zip(table.columns[icol], table.columns[tcol]):
+        if tok in pos:
+            out[pos[tok]] = " ".join(title) if isinstance(title, list) else str(title)
+    return out
