@@ -62,7 +62,7 @@ def write(out: str, command: str, rows: list[dict]) -> None:
              "Full ranking over all items, chronological leave-one-out, one target per user; "
              "ties count items scored strictly higher; padding excluded.", "",
              "| dataset | model | loss | preset / history | seeds | " + " | ".join(METRICS) + " | best epoch | epochs | samples/s | wall s |",
-             "|---" * (10 + len(METRICS)) + "|"]
+             "|---" * (9 + len(METRICS)) + "|"]
     for r in rows:
         runs = r["runs"]
         h = runs[0]["header"]
