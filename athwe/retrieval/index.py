@@ -65,7 +65,8 @@ def build_index(vectors: np.ndarray, kind: str = "auto", hnsw_m: int = 32, ef_co
         base.hnsw.efSearch = ef_search
         knobs = {"hnsw_m": hnsw_m, "ef_construction": ef_construction, "ef_search": ef_search}
     else:
-        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n))))
+        # ~4 sqrt(n) lists, capped so k-means gets >= 39 training points per centroid
+        nlist = nlist or max(1, min(4096, int(4 * np.sqrt(n)), min(n, train_size) // 39))
         pq_m = pq_m or max(1, d // 2)
         if d % pq_m:
             raise AthweError(f"--pq-m {pq_m} must divide the vector width {d}")
@@ -93,6 +94,20 @@ def set_search_knobs(index: Any, ef_search: int | None = None, nprobe: int | Non
         base.hnsw.efSearch = ef_search
     if nprobe is not None and hasattr(base, "nprobe"):
         base.nprobe = nprobe
+
+
+def search_index(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """index.search, on one thread for a single query: FAISS parallelises over queries, so extra
+    OpenMP threads only add wake-up latency (milliseconds on a busy machine) to one user's search."""
+    faiss = _faiss()
+    if len(queries) > 1:
+        return index.search(queries, k)
+    threads = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(1)
+    try:
+        return index.search(queries, k)
+    finally:
+        faiss.omp_set_num_threads(threads)
 
 
 def build_run_index(run_dir: str | Path, kind: str = "auto", **knobs: Any) -> dict[str, Any]:
@@ -178,7 +193,7 @@ class Retriever:
             q = self.model.query_vectors(self.user_batch(users).to(device)).float().cpu().numpy()
         hist = [self.history(u) for u in users]
         extra = max((len(np.unique(h)) for h in hist), default=0) if exclude_history else 0
-        scores, ids = self.index.search(np.ascontiguousarray(q), k + extra)
+        scores, ids = search_index(self.index, np.ascontiguousarray(q), k + extra)
         out = []
         for row, u in enumerate(users):
             seen = set(hist[row].tolist()) if exclude_history else set()
