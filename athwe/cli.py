@@ -209,6 +209,117 @@ def data_info(
     _guard(go)
 
 
+IMPORT_FORMATS = {"2014": "amazon2014", "2018": "amazon2018", "2023": "amazon2023"}
+
+
+@data_app.command("import")
+def data_import(
+    source: Path = typer.Argument(..., help="Amazon reviews file (2014/2018 JSON lines, 2023 JSONL or CSV), a RecBole atomic folder or .inter file, or a BSARec .txt file."),
+    name: str = typer.Option(..., "--name", "-n", help="Dataset name: the folder <data-dir>/<name>/ to create."),
+    meta: Optional[Path] = typer.Option(None, "--meta", help="Amazon metadata file (default: a meta_<Category> file beside SOURCE)."),
+    fmt: str = typer.Option("auto", "--format", help="auto, 2014, 2018, 2023, atomic or txt."),
+    kcore: int = typer.Option(0, "--kcore", help="Keep users and items with >= K interactions (0 = off)."),
+    data_dir: str = typer.Option("dataset", "--data-dir", help="Root holding <dataset>/ folders."),
+    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count malformed lines instead of failing."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset folder (downloaded images are kept)."),
+    no_find_meta: bool = typer.Option(False, "--no-find-meta", help="Do not look for a metadata file beside SOURCE."),
+    as_json: bool = typer.Option(False, "--json", help="Print the import summary as JSON."),
+) -> None:
+    """Import raw interactions (and Amazon metadata) into a dataset folder."""
+    from athwe.dataset.importers import import_dataset
+
+    def go() -> None:
+        s = import_dataset(source, data_dir, name, fmt=IMPORT_FORMATS.get(fmt, fmt), meta=meta, kcore=kcore,
+                           skip_bad_lines=skip_bad_lines, overwrite=overwrite, find_meta=not no_find_meta,
+                           progress=not as_json)
+        if as_json:
+            typer.echo(json.dumps(s, indent=2))
+            return
+        typer.echo(f"{s['out_dir']}: {s.get('users', 0):,} users, {s.get('items', 0):,} items, "
+                   f"{s.get('interactions', 0):,} interactions ({s['format']}, {s['elapsed_s']:.1f} s)")
+        if "items_with_metadata" in s:
+            typer.echo(f"metadata: {s['items_with_metadata']:,} items with, {s['items_without_metadata']:,} without; "
+                       f"{s.get('items_without_image_url', 0):,} items without an image URL")
+        if s.get("bad_lines"):
+            typer.echo(f"skipped {s['bad_lines']:,} malformed lines (e.g. {s['bad_line_examples'][0]})")
+
+    _guard(go)
+
+
+@data_app.command("images")
+def data_images(
+    dataset: str = typer.Option(..., "--dataset", "-d", help="Dataset folder name."),
+    data_dir: str = typer.Option("dataset", "--data-dir", help="Root holding <dataset>/ folders."),
+    workers: int = typer.Option(8, "--workers", help="Concurrent downloads."),
+    timeout: float = typer.Option(10.0, "--timeout", help="Seconds per socket operation."),
+    retries: int = typer.Option(2, "--retries", help="Retries per URL on timeouts, connection errors and 5xx."),
+    max_bytes: int = typer.Option(5_000_000, "--max-bytes", help="Largest image accepted, in bytes."),
+) -> None:
+    """Download item images into <dataset>/images/ (resumable; a manifest records every item)."""
+    from athwe.dataset.images import download_dataset_images
+
+    def go() -> None:
+        folder = Path(data_dir) / dataset
+        if workers < 1 or timeout <= 0 or retries < 0 or max_bytes < 1:
+            raise AthweError("--workers and --max-bytes must be >= 1, --timeout > 0 and --retries >= 0")
+        m = download_dataset_images(folder, dataset, max_workers=workers, timeout=timeout, retries=retries,
+                                    max_bytes=max_bytes)
+        counts = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items()) or "no items"
+        typer.echo(f"{folder / 'images'}: {m['with_image']:,} of {len(m['items']):,} items have an image "
+                   f"({counts}; {m['elapsed_s']:.1f} s)")
+
+    _guard(go)
+
+
+@app.command()
+def extract(
+    dataset: str = typer.Option("demo", "--dataset", "-d", help="Dataset folder name under --data-dir. Default: the bundled demo."),
+    data_dir: str = typer.Option("dataset", "--data-dir", help="Root holding <dataset>/ folders."),
+    text_model: Optional[str] = typer.Option(None, "--text-model", help="Hugging Face name or local folder (default: bert-base-uncased; the packaged all-MiniLM-L6-v2 for the demo; 'packaged-minilm')."),
+    text_pooling: str = typer.Option("auto", "--text-pooling", help="auto (sentence-transformers settings, else cls), cls or mean."),
+    text_fields: Optional[str] = typer.Option(None, "--text-fields", help="Comma-separated .item columns (default: title,categories,brand)."),
+    text_template: Optional[str] = typer.Option(None, "--text-template", help="Format string over .item columns, e.g. '{title}, {release_year}'."),
+    image_model: Optional[str] = typer.Option(None, "--image-model", help="open_clip architecture (default: ViT-L-14; ViT-B-16 with --image-pooling cls)."),
+    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip weights tag or checkpoint file (default: openai)."),
+    image_pooling: str = typer.Option("embed", "--image-pooling", help="embed (CLIP image embedding) or cls (HM4SR: CLS token before the projection)."),
+    no_text: bool = typer.Option(False, "--no-text", help="Skip text features."),
+    no_image: bool = typer.Option(False, "--no-image", help="Skip image features."),
+    no_categories: bool = typer.Option(False, "--no-categories", help="Skip category features."),
+    all_category_paths: bool = typer.Option(False, "--all-category-paths", help="Multi-hot over every category path (from <name>.meta.jsonl), not just the first."),
+    batch_size: int = typer.Option(64, "--batch-size", help="Items per forward pass."),
+    device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
+    kcore: int = typer.Option(0, "--kcore", help="The k-core filter training will use (the item map must match)."),
+    overwrite: bool = typer.Option(False, "--overwrite", help="Replace features already extracted."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest as JSON."),
+) -> None:
+    """Extract text, image and category features into <dataset>/features/ (resumable)."""
+    from athwe.feature_extraction.extract import extract_features, summarize
+
+    def go() -> None:
+        if image_pooling not in ("embed", "cls"):
+            raise AthweError(f"--image-pooling must be embed or cls, not {image_pooling!r}")
+        if text_pooling not in ("auto", "cls", "mean"):
+            raise AthweError(f"--text-pooling must be auto, cls or mean, not {text_pooling!r}")
+        fields = [f.strip() for f in text_fields.split(",") if f.strip()] if text_fields else None
+        try:
+            m = extract_features(dataset, data_dir, text=not no_text, image=not no_image, categories=not no_categories,
+                                 text_model=text_model, text_pooling=text_pooling, text_fields=fields,
+                                 text_template=text_template, image_model=image_model, pretrained=pretrained,
+                                 image_pooling=image_pooling, all_category_paths=all_category_paths,
+                                 batch_size=batch_size, device=device, kcore=kcore, overwrite=overwrite,
+                                 progress=not as_json, log=lambda msg: typer.echo(msg, err=True))
+        except KeyboardInterrupt:
+            typer.echo("interrupted; run the same command again to resume from the last finished batch", err=True)
+            raise typer.Exit(code=130)
+        if as_json:
+            typer.echo(json.dumps(m, indent=2))
+            return
+        for line in summarize(m, Path(data_dir) / dataset / "features"):
+            typer.echo(line)
+
+    _guard(go)
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -11,3 +11,7 @@ class DataError(AthweError):
 
 class ConfigError(AthweError):
     """A config file or override is invalid (unknown key, wrong type, unknown model)."""
+
+
+class FeatureError(AthweError):
+    """Item features are missing, incomplete, misaligned, or a feature model cannot be loaded."""

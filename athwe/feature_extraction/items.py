@@ -1,0 +1,184 @@
+"""Item metadata for feature extraction: the `.item` table (and `.meta.jsonl` category paths)
+keyed by item token, and the upstream-style text built from it.
+
+Text per item: the chosen `.item` fields, each cleaned as upstream (HTML entities decoded, double
+quotes removed, whitespace runs including line breaks collapsed to one space (upstream deleted line
+breaks, gluing words together), `_` in category tokens read as spaces, a final
+period), a field of 2000 characters or more blanked (upstream did the same), empty fields
+skipped, the rest joined with spaces. With a template (`"{movie_title}, {release_year}"`) the
+cleaned fields are substituted without the added period.
+"""
+from __future__ import annotations
+
+import html
+import json
+import re
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from athwe.dataset.atomic import read_atomic
+from athwe.errors import DataError, FeatureError
+
+MAX_FIELD_CHARS = 2000
+ITEM_ID_COLUMNS = ("item_id", "item", "iid", "asin", "parent_asin")
+# default text fields (upstream: title, first category path, brand) and the column names that stand in for them
+FIELD_ALIASES: dict[str, tuple[str, ...]] = {
+    "title": ("title", "movie_title", "name", "item_name"),
+    "categories": ("categories", "category", "class", "genre", "genres"),
+    "brand": ("brand", "store", "manufacturer"),
+}
+DEFAULT_TEXT_FIELDS = ("title", "categories", "brand")
+CATEGORY_COLUMNS = FIELD_ALIASES["categories"]
+_QUOTES = re.compile(r'"')
+
+
+@dataclass
+class ItemTable:
+    """The `.item` rows by item token; values are strings (token_seq columns joined by spaces)."""
+
+    path: Path | None
+    columns: list[str] = field(default_factory=list)
+    types: dict[str, str] = field(default_factory=dict)
+    rows: dict[str, dict[str, str]] = field(default_factory=dict)
+    seq_rows: dict[str, dict[str, list[str]]] = field(default_factory=dict)  # token_seq columns as lists
+
+    def resolve(self, name: str) -> str | None:
+        """The column that stands for `name`: itself, else its first present alias."""
+        if name in self.types:
+            return name
+        for alias in FIELD_ALIASES.get(name, ()):
+            if alias in self.types:
+                return alias
+        return None
+
+
+def read_item_table(dataset_dir: Path, name: str) -> ItemTable:
+    """Read `<dataset_dir>/<name>.item`; an absent file gives an empty table (path None)."""
+    path = dataset_dir / f"{name}.item"
+    if not path.is_file():
+        return ItemTable(path=None)
+    table = read_atomic(path)
+    icol = table.find(*ITEM_ID_COLUMNS)
+    if icol is None:
+        raise DataError(f"{path}: no item id column (one of {', '.join(ITEM_ID_COLUMNS)}) in the header")
+    out = ItemTable(path=path, columns=[c for c in table.names if c != icol],
+                    types={c: t for c, t in table.types.items() if c != icol})
+    ids = table.columns[icol]
+    for j, tok in enumerate(ids):
+        if tok in out.rows:
+            continue  # first row per item wins, as in the importer
+        row: dict[str, str] = {}
+        seq: dict[str, list[str]] = {}
+        for c in out.columns:
+            v = table.columns[c][j]
+            if out.types[c] in ("token_seq", "float_seq"):
+                vals = [str(x) for x in (v.tolist() if hasattr(v, "tolist") else v)]
+                seq[c] = vals
+                row[c] = " ".join(vals)
+            else:
+                row[c] = str(v.item() if hasattr(v, "item") else v)
+        out.rows[tok] = row
+        out.seq_rows[tok] = seq
+    return out
+
+
+def read_meta_category_paths(dataset_dir: Path, name: str) -> dict[str, list[list[str]]] | None:
+    """All category paths per item from `<name>.meta.jsonl` (written by the importer), or None."""
+    path = dataset_dir / f"{name}.meta.jsonl"
+    if not path.is_file():
+        return None
+    out: dict[str, list[list[str]]] = {}
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+                item, paths = rec["item"], rec.get("categories") or []
+                if not isinstance(paths, list):
+                    raise ValueError("categories must be a list of paths")
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}:{lineno}: bad metadata record ({e})") from None
+            out.setdefault(str(item), [[str(level) for level in p] for p in paths if isinstance(p, list)])
+    return out
+
+
+def clean_field(value: str, column: str, period: bool = True) -> tuple[str, bool]:
+    """Upstream-style cleaning of one field; returns (text, blanked_for_length)."""
+    text = html.unescape(value)
+    if column in CATEGORY_COLUMNS:
+        text = text.replace("_", " ")
+    text = _QUOTES.sub("", text)
+    text = " ".join(text.split())
+    if not text:
+        return "", False
+    if period:
+        text = text.rstrip(".") + "."
+    if len(text) >= MAX_FIELD_CHARS:
+        return "", True
+    return text, False
+
+
+def _has_content(text: str) -> bool:
+    return any(ch.isalnum() for ch in text)
+
+
+@dataclass
+class ItemTexts:
+    """Text per internal id (index 0 unused) plus which items have none and why."""
+
+    texts: list[str]
+    missing: list[dict]
+    blanked_fields: int
+    fields: list[str]
+    template: str | None
+
+
+def build_item_texts(table: ItemTable, item_tokens: list[str], fields: list[str] | None = None,
+                     template: str | None = None) -> ItemTexts:
+    """Compose each item's text from its `.item` row (see the module docstring)."""
+    if table.path is None:
+        raise FeatureError("no .item file: item text cannot be built")
+    if template is not None:
+        names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        unknown = [n for n in names if n not in table.types]
+        if unknown or not names:
+            raise FeatureError(f"{table.path}: text template {template!r} uses "
+                               f"{'no field' if not names else 'unknown field(s) ' + ', '.join(unknown)}; "
+                               f"columns: {', '.join(table.columns)}")
+        columns = list(dict.fromkeys(names))
+    elif fields:
+        unknown = [f for f in fields if table.resolve(f) is None]
+        if unknown:
+            raise FeatureError(f"{table.path}: unknown text field(s) {', '.join(unknown)}; "
+                               f"columns: {', '.join(table.columns)}")
+        columns = [table.resolve(f) for f in fields]  # type: ignore[misc]
+    else:
+        columns = [c for c in (table.resolve(f) for f in DEFAULT_TEXT_FIELDS) if c is not None]
+        if not columns:
+            raise FeatureError(f"{table.path}: none of the default text fields (title, categories, brand or their "
+                               f"aliases) is a column; columns: {', '.join(table.columns)} (pass text fields or a template)")
+    texts = [""]
+    missing: list[dict] = []
+    blanked = 0
+    for i, tok in enumerate(item_tokens[1:], start=1):
+        row = table.rows.get(tok)
+        if row is None:
+            texts.append("")
+            missing.append({"id": i, "item": tok, "reason": "no_metadata_row"})
+            continue
+        cleaned: dict[str, str] = {}
+        for c in columns:
+            cleaned[c], was_blanked = clean_field(row.get(c, ""), c, period=template is None)
+            blanked += was_blanked
+        if template is not None:
+            text = " ".join(template.format_map(cleaned).split())
+        else:
+            text = " ".join(cleaned[c] for c in columns if cleaned[c])
+        if not _has_content(text):
+            texts.append("")
+            missing.append({"id": i, "item": tok, "reason": "empty_text"})
+            continue
+        texts.append(text)
+    return ItemTexts(texts=texts, missing=missing, blanked_fields=blanked, fields=columns, template=template)
