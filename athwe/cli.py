@@ -107,7 +107,7 @@ def _latest_run(runs_dir: str) -> Path:
 def index(
     run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where to look for the latest run."),
-    kind: str = typer.Option("auto", "--kind", help="auto (exact up to 100k items, else HNSW), flat, hnsw or ivfpq."),
+    kind: str = typer.Option("auto", "--kind", help="auto (exact up to 100k items, else IVF-PQ with exact re-ranking), flat, hnsw or ivfpq."),
     hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW graph degree."),
     ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build breadth."),
     ef_search: int = typer.Option(128, "--ef-search", help="HNSW search breadth."),

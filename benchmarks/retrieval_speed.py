@@ -92,6 +92,7 @@ def main() -> None:
     if args.threads:
         faiss.omp_set_num_threads(args.threads)
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    args.load_before = os.getloadavg()
     rows = []
     for n in (int(s) for s in args.sizes.split(",")):
         items, centres = clustered_items(n, args.dim, args.seed)
@@ -124,14 +125,18 @@ def write(args: argparse.Namespace, command: str, rows: list[dict]) -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     env = {"faiss": faiss.__version__, "cpus": os.cpu_count(), "machine": platform.machine(),
-           "threads": args.threads or "default"}
+           "threads": args.threads or "default",
+           "load_avg_before": [round(v, 2) for v in args.load_before],
+           "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
     out.with_suffix(".json").write_text(json.dumps({"command": command, "env": env, "rows": rows}, indent=2) + "\n")
     lines = ["# Retrieval: exact vs HNSW vs IVF-PQ", "", f"Command: `{command}`", "",
              f"faiss {env['faiss']}, {env['cpus']} CPUs ({env['machine']}), FAISS threads: {env['threads']}. "
              f"Clustered synthetic item vectors (Zipf-sized Gaussian clusters, popularity-like norms), {args.dim}-d, "
              f"inner product, k={K}. Single-user latency: one query per call on one thread, as `athwe retrieve --user` runs it ({args.single} calls); throughput: "
              f"{args.batch} queries per call. Recall@10 is against the exact index. Knobs are the defaults of "
-             f"`athwe index` (`auto` picks exact up to {EXACT_MAX_ITEMS:,} items, HNSW above).", "",
+             f"`athwe index` (`auto` picks exact up to {EXACT_MAX_ITEMS:,} items, IVF-PQ above). "
+             f"Load average before/after: {env['load_avg_before']} / {env['load_avg_after']} "
+             "(other jobs on the 2 cores inflate build times and batch throughput most).", "",
              "| items | index | knobs | build s | bytes/item | p50 ms | p95 ms | users/s (batch) | recall@10 |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
