@@ -50,8 +50,9 @@ def main() -> None:
                                  "samples_per_s": res["train_samples_per_s"], "test": res["test"],
                                  "header": res["header"], "config": cfg.to_dict()})
                     print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
+                    # rewrite the tables after every run, so an interrupted benchmark keeps what finished
+                    write(args.out, command, rows + [{"dataset": dataset, "model": model, "loss": loss, "runs": runs}])
                 rows.append({"dataset": dataset, "model": model, "loss": loss, "runs": runs})
-                write(args.out, command, rows)
 
 
 def write(out: str, command: str, rows: list[dict]) -> None:
