@@ -186,7 +186,9 @@ class Retriever:
 
     def resolve_user(self, user: str) -> int:
         if user not in self.user_index:
-            raise AthweError(f"unknown user {user!r} in dataset {self.cfg.data.dataset} ({self.data.n_users} users)")
+            examples = ", ".join(self.data.user_tokens[:3])
+            raise AthweError(f"unknown user {user!r} in dataset {self.cfg.data.dataset} "
+                             f"({self.data.n_users} users, e.g. {examples})")
         return self.user_index[user]
 
     def search(self, users: list[int], k: int = 10, exclude_history: bool = True) -> list[list[Recommendation]]:
