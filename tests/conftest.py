@@ -35,6 +35,53 @@ def write_tiny_dataset(root: Path, name: str = "tiny", n_users: int = 80, n_item
 TINY_MODEL = {"hidden_size": 16, "num_layers": 1, "num_heads": 2, "inner_size": 32}
 
 
+def random_features(n_items: int, text_dim: int = 24, image_dim: int = 20, n_cat: int = 5, seed: int = 0):
+    """A small FeatureSet for models that need item features (tests only): random text/image rows,
+    every 7th item without text and items 3, 8, 13, ... without an image (zero rows, mask False),
+    multi-hot categories with at least one category per item; row 0 is padding."""
+    import torch
+
+    from athwe.feature_extraction.store import FeatureSet
+
+    g = torch.Generator().manual_seed(seed)
+    rows = n_items + 1
+    ids = torch.arange(rows)
+    text_mask, image_mask = (ids % 7 != 0) & (ids > 0), (ids % 5 != 3) & (ids > 0)
+    text = torch.randn(rows, text_dim, generator=g) * text_mask.unsqueeze(1)
+    image = torch.randn(rows, image_dim, generator=g) * image_mask.unsqueeze(1)
+    cat = (torch.rand(rows, n_cat, generator=g) < 0.3).float()
+    cat[ids, ids % n_cat] = 1.0
+    cat[0] = 0.0
+    return FeatureSet(text=text, image=image, cat=cat, text_mask=text_mask, image_mask=image_mask,
+                      cat_vocab=[f"c{j}" for j in range(n_cat)], fingerprint=f"test-{seed}-{n_items}")
+
+
+def write_random_features(dataset_dir: Path, item_tokens: list[str], seed: int = 0) -> Path:
+    """Write `random_features` for a dataset in the feature store's on-disk layout."""
+    import json
+
+    import torch
+
+    from athwe.feature_extraction.store import CAT_FILE, IMAGE_FILE, MANIFEST_FILE, TEXT_FILE, features_dir
+    from athwe.utils import fingerprint_tokens
+
+    fs = random_features(len(item_tokens) - 1, seed=seed)
+    folder = features_dir(dataset_dir)
+    folder.mkdir(parents=True, exist_ok=True)
+    manifest = {"version": 1, "item_map": {"fingerprint": fingerprint_tokens(item_tokens), "n_items": len(item_tokens) - 1}}
+    for key, fname, t, mask in (("text", TEXT_FILE, fs.text, fs.text_mask), ("image", IMAGE_FILE, fs.image, fs.image_mask),
+                                ("cat", CAT_FILE, fs.cat, None)):
+        torch.save(t, folder / fname)
+        entry = {"status": "ok", "file": fname, "dim": int(t.shape[1])}
+        if mask is not None:
+            entry["missing"] = [int(i) for i in torch.nonzero(~mask[1:]).squeeze(1) + 1]
+        else:
+            entry["vocab"] = fs.cat_vocab
+        manifest[key] = entry
+    (folder / MANIFEST_FILE).write_text(json.dumps(manifest))
+    return folder
+
+
 @pytest.fixture
 def tiny_data_dir(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "data")

@@ -10,6 +10,7 @@ import torch
 import athwe.models as models
 from athwe.dataset.split import Batch
 from athwe.models import create_model, get_entry, list_models
+from conftest import random_features
 
 N_ITEMS, N, B = 30, 8, 6
 SMALL = {"hidden_size": 16, "inner_size": 32, "num_layers": 2, "num_heads": 2}
@@ -22,7 +23,8 @@ def small_config(name: str) -> dict:
 
 def make_model(name: str, seed: int = 0, loss: str = "ce"):
     torch.manual_seed(seed)
-    return create_model(name, N_ITEMS, N, small_config(name), loss)
+    features = random_features(N_ITEMS) if get_entry(name).needs_features else None
+    return create_model(name, N_ITEMS, N, small_config(name), loss, features=features)
 
 
 def make_batch(seed: int = 1) -> Batch:

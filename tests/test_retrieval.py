@@ -10,10 +10,11 @@ from typer.testing import CliRunner
 
 from athwe.cli import app
 from athwe.config import resolve_config
-from athwe.models import list_models
+from athwe.dataset.sequences import load_sequences
+from athwe.models import get_entry, list_models
 from athwe.retrieval import Retriever, build_index, build_run_index
 from athwe.training import trainer as tr
-from conftest import write_tiny_dataset
+from conftest import write_random_features, write_tiny_dataset
 from test_models_common import small_config
 
 
@@ -23,6 +24,8 @@ def trained_run(tmp_path, model: str, epochs: int = 1):
     cfg = resolve_config(model, "tiny", overrides=overrides, flags={
         "data.data_dir": str(data), "data.max_seq_length": 8, "train.epochs": epochs, "data.preset": "recbole",
         "train.runs_dir": str(tmp_path / "runs")})
+    if get_entry(model).needs_features:
+        write_random_features(data / "tiny", load_sequences(data, "tiny", kcore=cfg.data.kcore).item_tokens)
     run, _ = tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
     return run
 

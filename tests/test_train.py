@@ -144,8 +144,8 @@ def test_cli_unknown_model_and_missing_dataset(tmp_path):
 
 def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path):
     run = tmp_path / "run"
-    res = _cli(["train", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--run-dir", str(run), "--epochs", "2",
-                "--max-seq-length", "8", "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32"], tmp_path)
+    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--run-dir", str(run),
+                "--epochs", "2", "--max-seq-length", "8", "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32"], tmp_path)
     assert res.exit_code == 0, res.output
     assert "NDCG" in res.stdout
     saved = json.loads((run / "results.json").read_text())["test"]

@@ -74,14 +74,16 @@ class ModelEntry:
     cls: type[SequentialRecommender]
     config_cls: type
     description: str
+    needs_features: bool = False  # built with the dataset's item features (create_model(features=...))
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
 
 
-def register_model(name: str, config_cls: type, description: str = "") -> Callable:
+def register_model(name: str, config_cls: type, description: str = "", needs_features: bool = False) -> Callable:
     def deco(cls: type[SequentialRecommender]) -> type[SequentialRecommender]:
-        _REGISTRY[name] = ModelEntry(cls, config_cls, description or (cls.__doc__ or "").strip().split("\n")[0])
+        _REGISTRY[name] = ModelEntry(cls, config_cls, description or (cls.__doc__ or "").strip().split("\n")[0],
+                                     needs_features)
         return cls
     return deco
 
@@ -108,9 +110,13 @@ def build_model_config(name: str, values: dict[str, Any] | None = None) -> Any:
 
 
 def create_model(name: str, n_items: int, max_seq_length: int, model_config: Any = None,
-                 loss_type: str = "ce") -> SequentialRecommender:
-    """The one factory entry point: a model by registry name."""
+                 loss_type: str = "ce", features: Any = None) -> SequentialRecommender:
+    """The one factory entry point: a model by registry name. `features` (a feature-store
+    FeatureSet) goes to models registered with needs_features and is ignored by the others."""
     entry = get_entry(name)
     if model_config is None or isinstance(model_config, dict):
         model_config = build_model_config(name, model_config)
+    if entry.needs_features:
+        return entry.cls(model_config, n_items=n_items, max_seq_length=max_seq_length, loss_type=loss_type,
+                         features=features)
     return entry.cls(model_config, n_items=n_items, max_seq_length=max_seq_length, loss_type=loss_type)

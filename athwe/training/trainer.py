@@ -44,6 +44,30 @@ def load_data(cfg: RunConfig) -> tuple[SequenceData, Split]:
     return data, split
 
 
+def load_model_features(cfg: RunConfig, data: SequenceData, printer: Printer = print, progress: bool = True) -> Any:
+    """The dataset's item features (a feature-store FeatureSet) for models registered with
+    needs_features, else None. The demo's are extracted on first use (offline); any other dataset
+    must have been extracted with `athwe extract`."""
+    from athwe.models import get_entry
+
+    if not get_entry(cfg.model).needs_features:
+        return None
+    from athwe.dataset.sequences import dataset_dir
+    from athwe.feature_extraction.store import MANIFEST_FILE, features_dir, load_features
+
+    folder = dataset_dir(cfg.data.data_dir, cfg.data.dataset)
+    if cfg.data.dataset == "demo" and not (features_dir(folder) / MANIFEST_FILE).is_file():
+        from athwe.feature_extraction import extract_features
+        from athwe.feature_extraction.extract import summarize
+
+        printer(f"{cfg.model} needs item features: extracting the demo's into {features_dir(folder)} (once)")
+        manifest = extract_features("demo", cfg.data.data_dir, kcore=cfg.data.kcore, device=cfg.train.device,
+                                    progress=progress, log=printer)
+        for line in summarize(manifest):
+            printer(line)
+    return load_features(folder, data.item_tokens)
+
+
 def results_header(cfg: RunConfig) -> dict[str, Any]:
     return {
         "model": cfg.model,
@@ -121,9 +145,10 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
+        features = load_model_features(cfg, data, printer, progress)
         seed_everything(cfg.train.seed)
         self.model: SequentialRecommender = create_model(
-            cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss).to(self.device)
+            cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss, features).to(self.device)
         self.model.prepare(split.train)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.history = history_mode(cfg)
@@ -341,7 +366,9 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
     if saved != data.item_fingerprint:
         raise AthweError(f"{run}: item map {saved} does not match dataset {cfg.data.dataset} ({data.item_fingerprint})")
     device = resolve_device(cfg.train.device)
-    model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss).to(device)
+    features = load_model_features(cfg, data, progress=False)
+    model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss,
+                         features).to(device)
     model.load_state_dict(torch.load(best, map_location=device, weights_only=True))
     model.eval()
     return model, data, cfg

@@ -1,0 +1,554 @@
+"""ATHWE: Adaptive Time-aware Hierarchical Wavelet Expert (multimodal sequential recommender).
+
+The model of specs/athwe.md, one block per step of its forward pass:
+
+1. per-modality inputs (ID embedding, projected text, projected image) plus one shared position
+   embedding; padded positions are zeroed (only real items carry signal into the wavelets);
+2. ``WaveletAlign``: a J-level DWT (pytorch-wavelets, db4, zero mode) of every modality along the
+   sequence; each target modality's low band and detail bands are gated sums of all modalities'
+   bands; the inverse transform, cropped to L (any L works), is mixed in with a learned weight;
+3. gap-based time encoding: bucket = round(span (1 - exp(-dt / scale))) of the gap to the previous
+   real item (1 for the first, 0 for padding), embedded;
+4. ``SparseMoE``: 1 shared + top-k of E routed experts (registered parameters), routed by the time
+   embedding (``time_routing: false`` routes on the fused content itself, the reference's
+   fallback), with a diversity loss on the routed experts' outputs;
+5. per-modality LayerNorm -> Dropout -> SASRec blocks (causal + padding mask), last position;
+6. scores = [w_id s_id, w_t s_t, w_v s_v] . [E_id, P_t T, P_v V] with w = softmax(a): the query and
+   item vectors' inner product, so one inner-product index reproduces the ranking exactly.
+
+Losses (``loss``): the base class's CE (or BCE) through ``query_vectors``/``item_vectors``, plus in
+``extra_loss``: ID contrastive (InfoNCE, same-target rows out of the denominator), category
+prediction and cluster pseudo-label CE over exactly the valid input positions, temporal contrastive
+(floor(len * beta) random valid positions of the text/image streams replaced by a time
+placeholder), and the expert diversity loss; each weighted by the config.
+
+Items without a feature (mask False) use a learned "missing" vector in place of their projected
+feature and are never cluster targets; items with no category are not CP targets, and without
+category features at all the CP term is off. The feature tables are buffers that are not saved;
+the checkpoint records their fingerprint and refuses to load onto other features. Fixes of the
+reference (specs/athwe.md): experts are registered, CP/cluster losses use a flattened mask, TCL
+masks floor(len * beta) positions, no hard-coded device, K-medoids memory-bounded and cached.
+"""
+from __future__ import annotations
+
+import copy
+import typing
+import warnings
+from dataclasses import dataclass, field, fields
+from typing import Any, Protocol
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from athwe.dataset.split import Batch, SampleSet
+from athwe.errors import AthweError, ConfigError
+from athwe.models.base import SequentialRecommender, register_model
+from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_weights
+
+MODALITIES = ("id", "text", "image")
+FEATURE_MODALITIES = ("text", "image")
+
+
+@dataclass
+class ATHWEConfig:
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    inner_size: int = 256
+    hidden_dropout: float = 0.5
+    attn_dropout: float = 0.5
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+    #: any non-empty subset of id, text, image (always used in that order)
+    modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
+    #: initial wavelet residual weight per modality, in the order id, text, image
+    initializer_weight: list[float] = field(default_factory=lambda: [0.1, 1.0, 1.0])
+    wavelet: bool = True
+    wavelet_name: str = "db4"
+    wavelet_J: int = 4
+    moe: bool = True
+    #: route experts by the time embedding; false = by the fused content itself
+    time_routing: bool = True
+    routed_experts: int = 8
+    moe_topk: int = 6
+    shared_experts: int = 1
+    expert_init_std: float = 0.1
+    cosine_lambda: float = 1.0
+    diversity_weight: float = 0.9
+    time_span: int = 200
+    time_scale: float = 1.5e7
+    temperature: float = 0.1
+    idcl_weight: float = 1.0
+    cp_weight: float = 1.0
+    cluster_weight: float = 1.0
+    n_clusters: int = 100
+    cluster_seed: int = 2025
+    cluster_sample: int = 4000
+    beta: float = 0.2
+    phcl_temperature: float = 1.0
+    phcl_weight: float = 1.0
+
+    def __post_init__(self) -> None:
+        hints = typing.get_type_hints(type(self))
+        for f in fields(self):
+            value, typ = getattr(self, f.name), hints[f.name]
+            if typ is float and isinstance(value, str):  # YAML 1.1 reads 1.5e7 as a string
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if typ in (int, float, bool, str) and (isinstance(value, bool) != (typ is bool) or not isinstance(value, typ)):
+                raise ConfigError(f"athwe: {f.name} must be {typ.__name__}, got {value!r}")
+            setattr(self, f.name, value)
+        mods = list(self.modalities) if isinstance(self.modalities, (list, tuple)) else None
+        if not mods or len(set(mods)) != len(mods) or any(m not in MODALITIES for m in mods):
+            raise ConfigError(f"athwe: modalities must be a non-empty subset of {list(MODALITIES)}, got {self.modalities!r}")
+        self.modalities = mods
+        iw = self.initializer_weight
+        if not isinstance(iw, (list, tuple)) or len(iw) != 3 or not all(isinstance(v, (int, float)) for v in iw):
+            raise ConfigError(f"athwe: initializer_weight must be 3 numbers (id, text, image), got {iw!r}")
+        self.initializer_weight = [float(v) for v in iw]
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"athwe: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        if self.wavelet_J < 1:
+            raise ConfigError(f"athwe: wavelet_J must be >= 1, got {self.wavelet_J}")
+        if self.routed_experts < 1 or not 1 <= self.moe_topk <= self.routed_experts or self.shared_experts < 0:
+            raise ConfigError(f"athwe: need 1 <= moe_topk ({self.moe_topk}) <= routed_experts ({self.routed_experts}) "
+                              f"and shared_experts >= 0 ({self.shared_experts})")
+        if self.time_span < 1 or self.time_scale <= 0:
+            raise ConfigError(f"athwe: time_span must be >= 1 and time_scale > 0, got {self.time_span}, {self.time_scale}")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ConfigError(f"athwe: beta must be in [0, 1], got {self.beta}")
+        if self.temperature <= 0 or self.phcl_temperature <= 0:
+            raise ConfigError("athwe: temperature and phcl_temperature must be > 0")
+        if self.n_clusters < 1 or self.cluster_sample < 2:
+            raise ConfigError("athwe: n_clusters must be >= 1 and cluster_sample >= 2")
+        for name in ("idcl_weight", "cp_weight", "cluster_weight", "phcl_weight", "diversity_weight", "cosine_lambda"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"athwe: {name} must be >= 0, got {getattr(self, name)}")
+
+
+class FeatureSetLike(Protocol):
+    """What the model reads from a feature store entry (athwe.feature_extraction.store.FeatureSet):
+    float32 tables with row i = internal item i and row 0 = padding."""
+
+    text: torch.Tensor | None
+    image: torch.Tensor | None
+    cat: torch.Tensor | None
+    text_mask: torch.Tensor | None
+    image_mask: torch.Tensor | None
+    fingerprint: str
+
+
+def time_buckets(timestamps: torch.Tensor, valid: torch.Tensor, span: int, scale: float) -> torch.Tensor:
+    """(B, L) int64 gap buckets: dt = max(t_i - t_{i-1}, 0) after a real item, 1 after padding
+    (the first item), 0 at padding; bucket = round(span (1 - exp(-dt / scale))) in [0, span]."""
+    t = timestamps.double()
+    prev_valid = F.pad(valid[:, :-1], (1, 0), value=False)
+    gap = (t - F.pad(t[:, :-1], (1, 0))).clamp(min=0.0)
+    dt = torch.where(prev_valid, gap, torch.ones_like(gap)) * valid
+    return torch.round(span * (1.0 - torch.exp(-dt / scale))).long()
+
+
+def info_nce(a: torch.Tensor, b: torch.Tensor, target: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Mean InfoNCE of (a_i, b_i) against b_j, cosine / temperature; other rows with the same target
+    are left out of the denominator (they are not negatives)."""
+    logits = F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).t() / temperature
+    same = target.unsqueeze(1) == target.unsqueeze(0)
+    same.fill_diagonal_(False)
+    logits = logits.masked_fill(same, float("-inf"))
+    return F.cross_entropy(logits, torch.arange(len(a), device=a.device))
+
+
+def tcl_mask(valid: torch.Tensor, beta: float) -> torch.Tensor:
+    """(B, L) bool: floor(len * beta) distinct random valid positions per row (global torch RNG)."""
+    lengths = valid.sum(1)
+    count = torch.floor(lengths.double() * beta + 1e-9).long()
+    r = torch.rand(valid.shape, device=valid.device).masked_fill(~valid, 2.0)
+    rank = r.argsort(1).argsort(1)
+    return (rank < count.unsqueeze(1)) & valid
+
+
+def _wavelet_modules(levels: int, wave: str) -> tuple[nn.Module, nn.Module]:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # pytorch-wavelets imports the deprecated pkg_resources
+        from pytorch_wavelets import DWT1DForward, DWT1DInverse
+    try:
+        return DWT1DForward(J=levels, wave=wave, mode="zero"), DWT1DInverse(wave=wave, mode="zero")
+    except ValueError as e:
+        raise ConfigError(f"athwe: unknown wavelet {wave!r} ({e})") from None
+
+
+class WaveletAlign(nn.Module):
+    """AlignWaveletFusion: x_m <- x_m + w_m (IDWT(fused bands of m)[:L] - x_m), where band k of
+    target m is sum_s sigmoid(W[k, m, s] c_{s,k}) * c_{s,k} over source modalities s (bias-free
+    H x H gates, k = low band and each of the J detail levels).
+
+    The transforms are pytorch-wavelets' DWT1DForward / DWT1DInverse (zero mode). Both are linear
+    along the sequence, so for each length L they are evaluated once on a basis and then applied
+    as two small matrices (identical values; the library's strided grouped convolutions cost
+    several times the rest of the model on CPU)."""
+
+    def __init__(self, n_mod: int, hidden: int, levels: int, wave: str, init_weight: list[float], std: float):
+        super().__init__()
+        self.dwt, self.idwt = _wavelet_modules(levels, wave)
+        self.n_mod, self.hidden = n_mod, hidden
+        # gates[k, target, source] is the (out, in) weight of a bias-free Linear(H, H)
+        self.gates = nn.Parameter(torch.empty(levels + 1, n_mod, n_mod, hidden, hidden).normal_(0.0, std))
+        self.weight = nn.Parameter(torch.tensor(init_weight, dtype=torch.float32))
+        self._operators: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
+
+    def operators(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """(analysis (L, T), synthesis (T, L), band lengths) of the J-level transform for length L:
+        coefficients = x @ analysis, split into [low, detail_1, ..., detail_J]; IDWT(...)[:L] =
+        coefficients @ synthesis. Built outside inference mode, so a first call while evaluating
+        does not leave inference tensors that training could not use."""
+        key = (n, str(device), dtype)
+        if key not in self._operators:
+            with torch.inference_mode(False), torch.no_grad():
+                self._operators[key] = self._build_operators(n, device, dtype)
+        return self._operators[key]
+
+    def _build_operators(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        dwt, idwt = copy.deepcopy(self.dwt).cpu().double(), copy.deepcopy(self.idwt).cpu().double()
+        low, highs = dwt(torch.eye(n, dtype=torch.float64).unsqueeze(1))
+        bands = [low, *highs]
+        sizes = [b.shape[-1] for b in bands]
+        analysis = torch.cat([b[:, 0] for b in bands], 1)  # (L, T)
+        basis = torch.eye(sum(sizes), dtype=torch.float64).unsqueeze(1)
+        parts = list(basis.split(sizes, dim=-1))
+        rec = idwt((parts[0], parts[1:]))[:, 0]  # (T, L')
+        rec = rec[:, :n] if rec.shape[-1] >= n else F.pad(rec, (0, n - rec.shape[-1]))
+        return analysis.to(device, dtype), rec.contiguous().to(device, dtype), sizes
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, L, M, H) -> same shape."""
+        b, n, m, h = x.shape
+        analysis, synthesis, sizes = self.operators(n, x.device, x.dtype)
+        coeffs = torch.einsum("blmh,lt->mbth", x, analysis)  # (source, B, T, H)
+        fused = []
+        for k, c in enumerate(coeffs.split(sizes, dim=2)):
+            rows = c.reshape(m, -1, h)  # (source, B*T_k, H)
+            w = self.gates[k].permute(1, 3, 0, 2).reshape(m, h, m * h)  # (source, in, target*out)
+            gate = torch.sigmoid(torch.bmm(rows, w)).view(m, -1, m, h)  # (source, B*T_k, target, H)
+            fused.append((gate * rows.unsqueeze(2)).sum(0).view(b, -1, m, h))  # (B, T_k, target, H)
+        rec = torch.einsum("btmh,tl->blmh", torch.cat(fused, 1), synthesis)
+        return x + self.weight.view(1, 1, m, 1) * (rec - x)
+
+
+class SparseMoE(nn.Module):
+    """out = x * (sum of shared experts + sum_{k in top} p_k e_k): vector experts on D = M*H
+    channels, top-k of a softmax router (renormalised), all experts registered parameters."""
+
+    def __init__(self, dim: int, n_routed: int, topk: int, n_shared: int, std: float):
+        super().__init__()
+        self.topk = topk
+        self.router = nn.Linear(dim, n_routed)
+        self.experts = nn.Parameter(torch.empty(n_routed, dim).normal_(0.0, std))
+        self.shared = nn.Parameter(torch.empty(n_shared, dim).normal_(0.0, std)) if n_shared else None
+
+    def forward(self, x: torch.Tensor, routing: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, routing (N, D); valid (N,) bool. Returns the output (N, D) and the mean off-diagonal
+        cosine similarity between the routed experts' outputs over the valid tokens."""
+        probs = torch.softmax(self.router(routing), dim=-1)
+        top, idx = probs.topk(self.topk, dim=-1)
+        weights = top / top.sum(-1, keepdim=True).clamp(min=1e-6)
+        scale = torch.zeros_like(probs).scatter(1, idx, weights) @ self.experts
+        if self.shared is not None:
+            scale = scale + self.shared.sum(0)
+        out = x * scale
+        # <x*e_i, x*e_j> over tokens = sum_d s_d e_i[d] e_j[d] with s_d = sum_n x_nd^2: no (E, N, D) tensor
+        s = (x.square() * valid.unsqueeze(1)).sum(0)
+        gram = (self.experts * s) @ self.experts.t()
+        norm = gram.diagonal().clamp(min=1e-16).sqrt()
+        cos = gram / (norm.unsqueeze(1) * norm.unsqueeze(0))
+        e = len(self.experts)
+        diversity = (cos.sum() - cos.diagonal().sum()) / max(e * (e - 1), 1)
+        return out, diversity
+
+
+@dataclass
+class _Forward:
+    """Intermediate results of one forward pass, kept for the auxiliary losses."""
+
+    ids: torch.Tensor
+    valid: torch.Tensor
+    tables: dict[str, torch.Tensor]
+    items: torch.Tensor
+    query: torch.Tensor
+    seq: dict[str, torch.Tensor]
+    augmented: dict[str, torch.Tensor]
+    diversity: torch.Tensor | None
+
+
+def _fingerprint_tensor(fp: str) -> torch.Tensor:
+    return torch.tensor(list(fp.encode("utf-8")), dtype=torch.uint8)
+
+
+@register_model("athwe", ATHWEConfig, "ATHWE: wavelet-aligned ID/text/image streams, time-routed experts (multimodal)",
+                needs_features=True)
+class ATHWE(SequentialRecommender):
+    """ATHWE: wavelet-aligned ID/text/image streams, time-routed experts (multimodal)."""
+
+    supports_trimming = False  # the wavelet transform spans every column, padding included
+
+    def __init__(self, config: ATHWEConfig, n_items: int, max_seq_length: int, loss_type: str = "ce",
+                 features: FeatureSetLike | None = None):
+        super().__init__(config, n_items, max_seq_length, loss_type)
+        c = config
+        self.modalities = [m for m in MODALITIES if m in c.modalities]
+        h, n_mod = c.hidden_size, len(self.modalities)
+        self._state: _Forward | None = None
+        self.last_loss_terms: dict[str, torch.Tensor] = {}
+
+        fingerprint = self._register_features(features, n_items)
+        self.register_buffer("feature_fingerprint", _fingerprint_tensor(fingerprint))
+        self.register_load_state_dict_pre_hook(self._check_fingerprint)
+
+        # 1. inputs
+        if "id" in self.modalities:
+            self.item_embedding = nn.Embedding(n_items + 1, h, padding_idx=0)
+        self.projections = nn.ModuleDict({m: nn.Linear(getattr(self, f"{m}_raw").shape[1], h)
+                                          for m in self.modalities if m in FEATURE_MODALITIES})
+        self.missing = nn.ParameterDict({m: nn.Parameter(torch.zeros(h)) for m in self.projections
+                                         if not bool(getattr(self, f"{m}_has")[1:].all())})
+        self.position = nn.Embedding(max_seq_length, h)
+        # 2. wavelet alignment
+        init_w = [c.initializer_weight[MODALITIES.index(m)] for m in self.modalities]
+        self.fusion = WaveletAlign(n_mod, h, c.wavelet_J, c.wavelet_name, init_w, c.initializer_range) if c.wavelet else None
+        # 3./4. time encoding and experts
+        self.tcl_modalities = [m for m in self.modalities if m in FEATURE_MODALITIES] if c.phcl_weight > 0 else []
+        if (c.moe and c.time_routing) or self.tcl_modalities:
+            self.time_embedding = nn.Embedding(c.time_span + 10, h)
+        if c.moe:
+            if c.time_routing:
+                self.time_routing = nn.Linear(h, n_mod * h)
+                self.routing_dropout = Dropout(c.hidden_dropout)
+            self.moe = SparseMoE(n_mod * h, c.routed_experts, c.moe_topk, c.shared_experts, c.expert_init_std)
+        # 5. per-modality encoders
+        self.norms = nn.ModuleDict({m: nn.LayerNorm(h, eps=c.layer_norm_eps) for m in self.modalities})
+        self.dropout = Dropout(c.hidden_dropout)
+        self.encoders = nn.ModuleDict({m: nn.ModuleList(
+            TransformerBlock(h, c.num_heads, c.inner_size, c.attn_dropout, c.hidden_dropout, c.layer_norm_eps)
+            for _ in range(c.num_layers)) for m in self.modalities})
+        # 6. modality score weights (a single modality has weight 1)
+        self.fusion_weights = nn.Parameter(torch.ones(n_mod)) if n_mod > 1 else None
+        # auxiliary heads
+        if c.cp_weight > 0 and self.cat is not None:
+            self.cat_head = nn.Linear(n_mod * h, self.cat.shape[1])
+        if c.cluster_weight > 0:
+            self.cluster_heads = nn.ModuleDict({m: nn.Linear(h, c.n_clusters) for m in self.projections})
+            for m in self.cluster_heads:
+                self.register_buffer(f"{m}_labels", None, persistent=False)
+        self.placeholders = nn.ModuleDict({m: nn.Linear(h, h) for m in self.tcl_modalities})
+
+        self.apply(lambda mod: init_weights(mod, c.initializer_range))
+        if "id" in self.modalities:
+            self.item_embedding.weight.data[0].zero_()
+        for p in self.missing.values():
+            p.data.normal_(0.0, c.initializer_range)
+
+    # -- features ----------------------------------------------------------------------------
+    def _register_features(self, features: FeatureSetLike | None, n_items: int) -> str:
+        """Keep the frozen feature tables as (non-saved) buffers; returns their fingerprint."""
+        from athwe.models.clustering import content_fingerprint
+
+        needed = [m for m in self.modalities if m in FEATURE_MODALITIES]
+        if features is None and (needed or self.config.cp_weight > 0):
+            raise AthweError("athwe needs item features (text, image, categories): run `athwe extract --dataset NAME`, "
+                             "or set model_args.modalities=[id] and model_args.cp_weight=0")
+        rows = n_items + 1
+        for m in needed:
+            table = getattr(features, m, None)
+            if table is None:
+                raise AthweError(f"athwe: modality {m} needs {m} features, but the feature set has none "
+                                 f"(extract them, or drop {m} from model_args.modalities)")
+            table = torch.as_tensor(table, dtype=torch.float32)
+            if table.ndim != 2 or table.shape[0] != rows:
+                raise AthweError(f"athwe: {m} features have shape {tuple(table.shape)}, expected ({rows}, d) for "
+                                 f"{n_items} items (features extracted for another item map?)")
+            mask = getattr(features, f"{m}_mask", None)
+            has = torch.ones(rows, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool).clone()
+            if has.shape != (rows,):
+                raise AthweError(f"athwe: {m}_mask has shape {tuple(has.shape)}, expected ({rows},)")
+            has[0] = False
+            self.register_buffer(f"{m}_raw", table, persistent=False)
+            self.register_buffer(f"{m}_has", has, persistent=False)
+        cat = getattr(features, "cat", None) if features is not None else None
+        if cat is not None and self.config.cp_weight > 0:
+            cat = torch.as_tensor(cat, dtype=torch.float32)
+            if cat.ndim != 2 or cat.shape[0] != rows:
+                raise AthweError(f"athwe: category features have shape {tuple(cat.shape)}, expected ({rows}, n_cat)")
+            if cat.shape[1] == 0:
+                cat = None
+        else:
+            cat = None
+        self.register_buffer("cat", cat, persistent=False)
+        self.register_buffer("cat_has", None if cat is None else cat.sum(1) > 0, persistent=False)
+        if features is None:
+            return ""
+        fp = getattr(features, "fingerprint", None)
+        if fp:
+            return str(fp)
+        parts = [content_fingerprint(getattr(self, f"{m}_raw"), getattr(self, f"{m}_has")) for m in needed]
+        if cat is not None:
+            parts.append(content_fingerprint(cat, None))
+        return "-".join(parts)
+
+    def _check_fingerprint(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        saved = state_dict.get(prefix + "feature_fingerprint")
+        if saved is not None and not torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
+            got = bytes(saved.cpu().tolist()).decode("utf-8", "replace") or "none"
+            mine = bytes(self.feature_fingerprint.cpu().tolist()).decode("utf-8", "replace") or "none"
+            raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features are {mine} "
+                             f"(re-extracted since?)")
+
+    def ensure_cluster_labels(self) -> None:
+        """Compute (or load from the cache) the K-medoids pseudo-labels the cluster loss needs."""
+        if not hasattr(self, "cluster_heads"):
+            return
+        from athwe.models.clustering import cluster_labels
+
+        fp = bytes(self.feature_fingerprint.cpu().tolist()).decode("utf-8") or None
+        c = self.config
+        for m in self.cluster_heads:
+            if getattr(self, f"{m}_labels") is None:
+                raw, has = getattr(self, f"{m}_raw"), getattr(self, f"{m}_has")
+                labels = cluster_labels(raw, has, c.n_clusters, c.cluster_seed, fingerprint=fp, modality=m,
+                                        sample_size=c.cluster_sample)
+                setattr(self, f"{m}_labels", labels.to(raw.device))
+
+    def prepare(self, train: SampleSet) -> None:
+        self.ensure_cluster_labels()
+
+    # -- forward -----------------------------------------------------------------------------
+    def item_tables(self) -> dict[str, torch.Tensor]:
+        """Per-modality candidate tables (n_items + 1, H): E_id, P_t T, P_v V, where items without
+        the feature get the learned missing vector; row 0 (padding) is zero."""
+        tables: dict[str, torch.Tensor] = {}
+        for m in self.modalities:
+            if m == "id":
+                tables[m] = self.item_embedding.weight
+                continue
+            proj = self.projections[m](getattr(self, f"{m}_raw")[1:])
+            has = getattr(self, f"{m}_has")[1:].unsqueeze(1)
+            if m in self.missing:
+                proj = torch.where(has, proj, self.missing[m])
+            tables[m] = torch.cat([proj.new_zeros(1, proj.shape[1]), proj])
+        return tables
+
+    def _encode_stream(self, m: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        z = self.dropout(self.norms[m](h))
+        blocks = self.encoders[m]
+        for i, block in enumerate(blocks):
+            z = block(z, mask, last_only=i == len(blocks) - 1)
+        return z[:, -1]
+
+    def _forward(self, batch: Batch, with_tcl: bool) -> _Forward:
+        c = self.config
+        ids, ts = batch.input_ids, batch.timestamps
+        if ids.shape[1] > self.max_seq_length:
+            ids, ts = ids[:, -self.max_seq_length:], ts[:, -self.max_seq_length:]
+        b, n = ids.shape
+        valid = ids > 0
+        tables = self.item_tables()
+        pos = self.position(torch.arange(self.max_seq_length - n, self.max_seq_length, device=ids.device))
+        x = torch.stack([tables[m][ids] for m in self.modalities], 2) + pos.view(1, n, 1, -1)
+        x = x * valid.view(b, n, 1, 1).to(x.dtype)  # (B, L, M, H), zero at padding
+        if self.fusion is not None:
+            x = self.fusion(x)
+        tau = None
+        if hasattr(self, "time_embedding"):
+            tau = self.time_embedding(time_buckets(ts, valid, c.time_span, c.time_scale))
+        diversity = None
+        if c.moe:
+            flat = x.reshape(b * n, -1)
+            if c.time_routing:
+                routing = self.routing_dropout(F.relu(self.time_routing(tau))).reshape(b * n, -1)
+            else:
+                routing = flat
+            out, diversity = self.moe(flat, routing, valid.reshape(-1))
+            x = out.view(x.shape)
+        mask = attention_mask(ids, causal=True)
+        placed = tcl_mask(valid, c.beta).unsqueeze(-1) if with_tcl and self.tcl_modalities else None
+        seq: dict[str, torch.Tensor] = {}
+        augmented: dict[str, torch.Tensor] = {}
+        for i, m in enumerate(self.modalities):
+            h = x[:, :, i]
+            if placed is not None and m in self.placeholders:
+                aug = torch.where(placed, self.placeholders[m](tau), h)
+                both = self._encode_stream(m, torch.cat([h, aug]), torch.cat([mask, mask]))
+                seq[m], augmented[m] = both[:b], both[b:]
+            else:
+                seq[m] = self._encode_stream(m, h, mask)
+        w = torch.softmax(self.fusion_weights, 0) if self.fusion_weights is not None else x.new_ones(1)
+        query = torch.cat([w[i] * seq[m] for i, m in enumerate(self.modalities)], -1)
+        items = torch.cat([tables[m] for m in self.modalities], -1)
+        return _Forward(ids, valid, tables, items, query, seq, augmented, diversity)
+
+    def query_vectors(self, batch: Batch) -> torch.Tensor:
+        if self._state is not None:  # set by loss(): the training forward pass
+            return self._state.query
+        return self._forward(batch, with_tcl=False).query
+
+    def item_vectors(self) -> torch.Tensor:
+        if self._state is not None:
+            return self._state.items
+        return torch.cat([t for t in self.item_tables().values()], -1)
+
+    # -- losses ------------------------------------------------------------------------------
+    def category_loss(self, ids: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """BCE of the category head over every valid input position whose item has a category;
+        returns (mean loss, number of positions)."""
+        sel = ((ids > 0) & self.cat_has[ids]).reshape(-1)
+        flat = ids.reshape(-1)
+        logits = self.cat_head(items[flat])
+        per = F.binary_cross_entropy_with_logits(logits, self.cat[flat], reduction="none").sum(1)
+        count = sel.sum()
+        return (per * sel).sum() / (count.clamp(min=1) * self.cat.shape[1]), count
+
+    def cluster_loss(self, ids: torch.Tensor, tables: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean over text/image of the pseudo-label CE over every valid input position whose item
+        has that feature; returns (loss, positions per modality)."""
+        self.ensure_cluster_labels()
+        flat = ids.reshape(-1)
+        losses, counts = [], []
+        for m, head in self.cluster_heads.items():
+            labels = getattr(self, f"{m}_labels")[flat]
+            sel = (flat > 0) & (labels >= 0)
+            per = F.cross_entropy(head(tables[m][flat]), labels.clamp(min=0), reduction="none")
+            count = sel.sum()
+            losses.append((per * sel).sum() / count.clamp(min=1))
+            counts.append(count)
+        return torch.stack(losses).mean(), torch.stack(counts)
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        self._state = self._forward(batch, with_tcl=True)
+        try:
+            return super().loss(batch)
+        finally:
+            self._state = None
+
+    def extra_loss(self, batch: Batch, query: torch.Tensor) -> torch.Tensor | None:
+        st = self._state
+        if st is None:
+            return None
+        c = self.config
+        terms: dict[str, torch.Tensor] = {}
+        if "id" in self.modalities and c.idcl_weight > 0:
+            target = batch.target
+            terms["idcl"] = c.idcl_weight * info_nce(st.seq["id"], self.item_embedding(target), target, c.temperature)
+        if hasattr(self, "cat_head"):
+            terms["cp"] = c.cp_weight * self.category_loss(st.ids, st.items)[0]
+        if hasattr(self, "cluster_heads") and len(self.cluster_heads):
+            terms["cluster"] = c.cluster_weight * self.cluster_loss(st.ids, st.tables)[0]
+        if st.augmented:
+            tcl = [info_nce(st.seq[m], st.augmented[m], batch.target, c.phcl_temperature) for m in st.augmented]
+            terms["tcl"] = c.phcl_weight * torch.stack(tcl).mean()
+        if st.diversity is not None and c.diversity_weight > 0:
+            terms["diversity"] = c.diversity_weight * c.cosine_lambda * st.diversity
+        self.last_loss_terms = {k: v.detach() for k, v in terms.items()}
+        return sum(terms.values()) if terms else None
