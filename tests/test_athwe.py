@@ -329,8 +329,8 @@ def test_training_after_a_first_call_in_inference_mode():
     assert not no_grad_params(model)
 
 
-def test_athwe_is_the_default_model_with_its_demo_settings():
-    cfg = resolve_config()
+def test_athwe_demo_and_reference_settings():
+    cfg = resolve_config("athwe")
     assert cfg.model == "athwe" and cfg.data.dataset == "demo" and cfg.data.preset == "recbole"
     assert cfg.model_args["modalities"] == ["id", "text"]  # the demo's images need CLIP weights offline
     ref = resolve_config("athwe", "Home_and_Kitchen")
