@@ -112,14 +112,6 @@ def _read_vocab(path: Path) -> list | None:
     return vocab if isinstance(vocab, list) else None
 
 
-def _combine(parts: list[str]) -> str:
-    h = hashlib.sha256()
-    for p in parts:
-        h.update(p.encode("utf-8"))
-        h.update(b"\x00")
-    return h.hexdigest()[:16]
-
-
 def _load_tensor(path: Path) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
@@ -206,7 +198,7 @@ def _load_ours(folder: Path, item_tokens: list[str]) -> FeatureSet:
             fs.cat_vocab = [str(v) for v in vocab]
     if not fs.modalities:
         raise FeatureError(f"{mpath}: no modality was extracted (text, image and cat all skipped)")
-    fs.fingerprint = _combine(parts)
+    fs.fingerprint = fingerprint_tokens(parts)
     return fs
 
 
@@ -297,7 +289,7 @@ def _load_upstream(folder: Path, item_tokens: list[str], present: list[Path]) ->
                      "source": str(map_path), "items_not_in_item2id": len(missing_map)},
         **entries,
     }
-    fs.fingerprint = _combine(parts)
+    fs.fingerprint = fingerprint_tokens(parts)
     return fs
 
 
