@@ -58,25 +58,65 @@ def ensure_features(dataset: str, data_dir: str, kcore: int, text_model: str, de
                      log=lambda s: print(s, flush=True))
 
 
-def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any]:
-    """Train one (variant, seed) in this (child) process; returns its results and peak memory."""
+def writable_data_dir(dataset: str, data_dir: str, work_dir: Path) -> str:
+    """The data dir to train from. A data dir outside this repository (the shared datasets) is
+    mirrored under `work_dir`: its dataset folder links to the source files, and extracted features
+    are written beside the links, so the source folder is never modified."""
+    src = Path(data_dir) / dataset
+    if Path(data_dir).resolve().is_relative_to(ROOT):
+        return data_dir
+    if not src.is_dir():
+        raise SystemExit(f"error: {src}: no such dataset folder")
+    dst = work_dir / dataset
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in src.iterdir():
+        link = dst / f.name
+        if not link.exists():
+            link.symlink_to(f.resolve(), target_is_directory=f.is_dir())
+    print(f"training from {dst} (links to the files of {src}; features are written there)", flush=True)
+    return str(work_dir)
+
+
+def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any], fresh: bool) -> dict[str, Any]:
+    """Train one (variant, seed) in this (child) process, or resume its interrupted run folder;
+    returns its record with peak memory (of this process: for a resumed run, of the last part)."""
     import torch
 
     from athwe.config import resolve_config
-    from athwe.training.trainer import train
+    from athwe.training.trainer import resume, train
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_cache import find_run, finished, save_record
 
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
+    found = None if fresh else find_run(cfg.to_dict(), cfg.train.runs_dir)
     t0 = time.perf_counter()
-    run_dir, res = train(cfg, printer=lambda s: None, progress=False)
-    out = {"run_dir": str(run_dir), "wall_s": round(time.perf_counter() - t0, 1), "best_epoch": res["best_epoch"],
-           "epochs": res["epochs_run"], "samples_per_s": res["train_samples_per_s"], "train_seconds": res["train_seconds"],
-           "test": res["test"], "valid": res["valid"], "header": res["header"], "config": cfg.to_dict(),
-           "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    record: dict[str, Any] = {}
+    if found is not None and (found / "last.pt").is_file():
+        resume(found, printer=lambda s: None, progress=False)
+        run_dir, record["resumed"] = found, True
+    else:
+        run_dir, _ = train(cfg, printer=lambda s: None, progress=False)
+        record["wall_s"] = round(time.perf_counter() - t0, 1)
+    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     if torch.cuda.is_available() and cfg.train.device != "cpu":
-        out["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return out
+        record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    save_record(run_dir, record)
+    return finished(run_dir)
+
+
+def reuse(model: str, dataset: str, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a finished run with this config under the runs folder, if there is one."""
+    from athwe.config import resolve_config
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from run_cache import find_run, finished
+
+    cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
+    found = find_run(cfg.to_dict(), cfg.train.runs_dir)
+    return finished(found) if found is not None else None
 
 
 def mean_std(vals: list[float]) -> str:
@@ -100,7 +140,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         if not runs:
             continue
         cells = [mean_std([x["test"][m] for x in runs]) for m in METRICS]
-        mem = [x.get("peak_cuda_mb", x["peak_rss_mb"]) for x in runs]
+        mem = [x.get("peak_cuda_mb", x.get("peak_rss_mb", 0.0)) for x in runs]
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
         lines.append(f"| {r['variant']} | {len(runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
@@ -125,6 +165,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="train.num_threads (0 = torch default)")
     ap.add_argument("--runs-dir", default="benchmarks/runs")
     ap.add_argument("--out", default="benchmarks/results/athwe_ml100k")
+    ap.add_argument("--fresh", action="store_true",
+                    help="train every run anew (default: reuse finished runs with the same config under "
+                         "--runs-dir and resume interrupted ones)")
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -136,6 +179,7 @@ def main() -> None:
     from athwe.config import resolve_config
     from athwe.utils import resolve_device
 
+    args.data_dir = writable_data_dir(args.dataset, args.data_dir, Path(args.runs_dir) / "data")
     athwe_cfg = resolve_config("athwe", args.dataset, overrides=args.set + args.athwe_set,
                                flags={"data.data_dir": args.data_dir})
     if any(VARIANTS[[v[0] for v in VARIANTS].index(w)][1] == "athwe" for w in wanted):
@@ -156,13 +200,17 @@ def main() -> None:
             flags = {"data.data_dir": args.data_dir, "train.seed": seed, "train.runs_dir": args.runs_dir,
                      "train.device": args.device, "train.epochs": args.epochs,
                      "train.num_threads": args.threads or None}
-            # one fresh process per run: its peak RSS is this run's alone
-            with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                res = pool.submit(run_one, model, args.dataset, overrides, flags).result()
+            res = None if args.fresh else reuse(model, args.dataset, overrides, flags)
+            if res is not None:
+                print(f"{label} seed {seed}: reusing finished run {res['run_dir']}", flush=True)
+            else:
+                # one fresh process per run: its peak RSS is this run's alone
+                with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
+                    res = pool.submit(run_one, model, args.dataset, overrides, flags, args.fresh).result()
             res["seed"] = seed
             row["runs"].append(res)
             print(json.dumps({"variant": label, "seed": seed, "NDCG@10": round(res["test"]["NDCG@10"], 4),
-                              **{k: res[k] for k in ("best_epoch", "epochs", "samples_per_s", "peak_rss_mb", "wall_s")}}),
+                              **{k: res.get(k) for k in ("best_epoch", "epochs", "samples_per_s", "peak_rss_mb", "wall_s")}}),
                   flush=True)
             write(args.out, meta, rows)
     print(Path(args.out + ".md").read_text())

@@ -17,8 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import PUBLISHED, REFERENCE_HERE  # noqa: E402
 
+from run_cache import find_run, finished, save_record  # noqa: E402
+
 from athwe.config import resolve_config  # noqa: E402
-from athwe.training.trainer import train  # noqa: E402
+from athwe.training.trainer import resume, train  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 
@@ -33,6 +35,9 @@ def main() -> None:
     ap.add_argument("--runs-dir", default="benchmarks/runs")
     ap.add_argument("--set", action="append", default=[], help="extra config override, e.g. data.max_seq_length=200")
     ap.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
+    ap.add_argument("--fresh", action="store_true",
+                    help="train every run anew (default: reuse finished runs with the same config under "
+                         "--runs-dir and resume interrupted ones)")
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     rows = []
@@ -43,16 +48,28 @@ def main() -> None:
                 for seed in [int(s) for s in args.seeds.split(",")]:
                     cfg = resolve_config(model, dataset, overrides=args.set, flags={
                         "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed, "train.runs_dir": args.runs_dir})
-                    t0 = time.time()
-                    run_dir, res = train(cfg, progress=False)
-                    runs.append({"seed": seed, "run_dir": str(run_dir), "wall_s": round(time.time() - t0, 1),
-                                 "best_epoch": res["best_epoch"], "epochs": res["epochs_run"],
-                                 "samples_per_s": res["train_samples_per_s"], "test": res["test"],
-                                 "header": res["header"], "config": cfg.to_dict()})
+                    runs.append({"seed": seed, **run_or_reuse(cfg, args.runs_dir, args.fresh)})
                     print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
                     # rewrite the tables after every run, so an interrupted benchmark keeps what finished
                     write(args.out, command, rows + [{"dataset": dataset, "model": model, "loss": loss, "runs": runs}])
                 rows.append({"dataset": dataset, "model": model, "loss": loss, "runs": runs})
+
+
+def run_or_reuse(cfg, runs_dir: str, fresh: bool) -> dict:
+    """Train `cfg`, or reuse a finished run with the same config, or resume an interrupted one
+    (its wall time is then unknown: the table shows its training seconds, marked *)."""
+    found = None if fresh else find_run(cfg.to_dict(), runs_dir)
+    if found is not None and (done := finished(found)) is not None:
+        print(f"reusing finished run {found}", flush=True)
+        return done
+    if found is not None and (found / "last.pt").is_file():
+        print(f"resuming {found}", flush=True)
+        resume(found, progress=False)
+        return finished(found)
+    t0 = time.time()
+    run_dir, _ = train(cfg, progress=False)
+    save_record(run_dir, {"wall_s": round(time.time() - t0, 1)})
+    return finished(run_dir)
 
 
 def write(out: str, command: str, rows: list[dict]) -> None:
@@ -74,13 +91,17 @@ def write(out: str, command: str, rows: list[dict]) -> None:
         lines.append(f"| {r['dataset']} | {r['model']} | {r['loss']} | {h['preset']} / {h['history']} | "
                      f"{','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
-                     f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f} |")
+                     f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
+                     f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         for label, table in (("published", PUBLISHED), ("reference code here", REFERENCE_HERE)):
             pub = table.get((r["dataset"], r["model"]))
             if pub:
                 lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
                              " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
-    lines += ["", "Per-seed values, run folders and resolved configs are in the .json beside this file.", ""]
+    lines += ["", "Per-seed values, run folders and resolved configs are in the .json beside this file. "
+              "Runs are reused when a finished run with the same config is found under the runs folder, "
+              "and interrupted ones resumed (wall s marked * is training seconds: the run was resumed or "
+              "made before wall times were recorded).", ""]
     Path(out + ".md").write_text("\n".join(lines))
 
 

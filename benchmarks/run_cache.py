@@ -1,0 +1,74 @@
+"""Reuse and resume benchmark runs: a long benchmark that is stopped part way (a closed laptop, a
+job time limit) continues where it left off when it is started again with the same arguments.
+
+A run folder matches a requested run when its saved config.yaml equals the requested config in
+everything that can change the result; the thread count, device, runs folder and data folder are
+left out of the comparison (they change speed or paths, not what is trained).
+"""
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+#: (section, key) pairs that do not change what a run computes
+IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir")]
+BENCH_FILE = "benchmark.json"
+
+
+def result_key(cfg: dict[str, Any]) -> dict[str, Any]:
+    key = copy.deepcopy(cfg)
+    for section, name in IGNORED:
+        key.get(section, {}).pop(name, None)
+    return key
+
+
+def find_run(cfg: dict[str, Any], runs_dir: str | Path) -> Path | None:
+    """The newest run folder under `runs_dir` trained with `cfg` (finished ones first), or None."""
+    want = result_key(cfg)
+    root = Path(runs_dir)
+    if not root.is_dir():
+        return None
+    found: list[tuple[bool, float, Path]] = []
+    for path in root.iterdir():
+        conf = path / "config.yaml"
+        if not conf.is_file():
+            continue
+        try:
+            saved = yaml.safe_load(conf.read_text())
+        except yaml.YAMLError:
+            continue
+        if isinstance(saved, dict) and result_key(saved) == want:
+            found.append(((path / "results.json").is_file(), conf.stat().st_mtime, path))
+    if not found:
+        return None
+    return max(found)[2]
+
+
+def finished(run: Path) -> dict[str, Any] | None:
+    """A finished run's record: what the benchmark saved beside it (wall time, peak memory) over
+    what its results.json holds; None while the run is unfinished. Without a saved wall time the
+    training seconds stand in for it (`wall_s_is_train_s`)."""
+    res_path = run / "results.json"
+    if not res_path.is_file():
+        return None
+    res = json.loads(res_path.read_text())
+    record = {"run_dir": str(run), "best_epoch": res["best_epoch"], "epochs": res["epochs_run"],
+              "samples_per_s": res["train_samples_per_s"], "train_seconds": res["train_seconds"],
+              "test": res["test"], "valid": res["valid"], "header": res["header"],
+              "config": yaml.safe_load((run / "config.yaml").read_text()),
+              "wall_s": res["train_seconds"], "wall_s_is_train_s": True}
+    path = run / BENCH_FILE
+    if path.is_file():
+        record.update(json.loads(path.read_text()))
+        record.pop("wall_s_is_train_s", None)
+    return record
+
+
+def save_record(run: Path, record: dict[str, Any]) -> None:
+    tmp = run / (BENCH_FILE + ".tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    tmp.replace(run / BENCH_FILE)
