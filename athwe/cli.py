@@ -36,7 +36,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
 @app.command()
 def train(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see `athwe models`). Default: sasrec."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see `athwe models`). Default: athwe (the demo trains it on ID + text features)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset folder name under --data-dir. Default: the bundled demo."),
     data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Root holding <dataset>/ folders. Default: ./dataset."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with model/data/train/model_args sections."),

@@ -51,7 +51,7 @@ class TrainConfig:
 
 @dataclass
 class RunConfig:
-    model: str = "sasrec"
+    model: str = "athwe"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     model_args: dict[str, Any] = field(default_factory=dict)

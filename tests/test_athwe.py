@@ -330,7 +330,7 @@ def test_training_after_a_first_call_in_inference_mode():
 
 
 def test_athwe_demo_and_reference_settings():
-    cfg = resolve_config("athwe")
+    cfg = resolve_config()  # `athwe train` with no arguments
     assert cfg.model == "athwe" and cfg.data.dataset == "demo" and cfg.data.preset == "recbole"
     assert cfg.model_args["modalities"] == ["id", "text"]  # the demo's images need CLIP weights offline
     ref = resolve_config("athwe", "Home_and_Kitchen")
