@@ -1,0 +1,57 @@
+"""The benchmarks' run reuse: which run folder counts as the same run, and what is read back."""
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+from run_cache import find_run, finished, save_record  # noqa: E402
+
+from athwe.config import resolve_config  # noqa: E402
+
+
+def _run(root: Path, name: str, cfg: dict, done: bool, age: int) -> Path:
+    run = root / name
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    if done:
+        (run / "results.json").write_text(json.dumps({
+            "best_epoch": 3, "epochs_run": 5, "train_samples_per_s": 100.0, "train_seconds": 50.0,
+            "test": {"NDCG@10": 0.1}, "valid": {"NDCG@10": 0.2}, "header": {"model": cfg["model"]}}))
+    else:
+        (run / "last.pt").write_bytes(b"")
+    t = 1_700_000_000 + age
+    os.utime(run / "config.yaml", (t, t))
+    return run
+
+
+def test_find_run_matches_config_up_to_threads_device_and_paths(tmp_path):
+    cfg = resolve_config("sasrec", "LastFM", overrides=["train.seed=1"]).to_dict()
+    same = resolve_config("sasrec", "LastFM", overrides=["train.seed=1", "train.num_threads=1", "train.device=cpu",
+                                                        "data.data_dir=/elsewhere", "train.runs_dir=/x"]).to_dict()
+    other_seed = resolve_config("sasrec", "LastFM", overrides=["train.seed=2"]).to_dict()
+    other_lr = resolve_config("sasrec", "LastFM", overrides=["train.seed=1", "train.lr=0.01"]).to_dict()
+    assert find_run(cfg, tmp_path / "missing") is None
+    _run(tmp_path, "seed2", other_seed, True, 0)
+    _run(tmp_path, "lr", other_lr, True, 0)
+    assert find_run(cfg, tmp_path) is None
+    unfinished = _run(tmp_path, "a", same, False, 10)
+    assert find_run(cfg, tmp_path) == unfinished
+    assert finished(unfinished) is None
+    done = _run(tmp_path, "b", same, True, 5)  # finished beats newer-but-unfinished
+    assert find_run(cfg, tmp_path) == done
+
+
+def test_finished_record_prefers_saved_wall_time(tmp_path):
+    cfg = resolve_config("sasrec", "LastFM").to_dict()
+    run = _run(tmp_path, "r", cfg, True, 0)
+    rec = finished(run)
+    assert rec["wall_s"] == 50.0 and rec["wall_s_is_train_s"] and rec["epochs"] == 5 and rec["test"]["NDCG@10"] == 0.1
+    save_record(run, {"wall_s": 61.5, "peak_rss_mb": 900.0})
+    rec = finished(run)
+    assert rec["wall_s"] == 61.5 and rec["peak_rss_mb"] == 900.0 and "wall_s_is_train_s" not in rec
+    assert not list(run.glob("*.tmp"))
