@@ -273,3 +273,20 @@ def test_collect_urls_needs_metadata(tmp_path):
     (tmp_path / "x" / "x.meta.jsonl").write_text('{"item": "I1", "image_urls": ["u"]}\nnot json\n')
     with pytest.raises(DataError, match=r"x\.meta\.jsonl:2: bad metadata record"):
         collect_image_urls(tmp_path / "x")
+
+
+def test_metadata_records_checked_by_both_readers(tmp_path):
+    from athwe.feature_extraction.items import read_meta_category_paths
+
+    d = tmp_path / "x"
+    d.mkdir()
+    (d / "x.meta.jsonl").write_text('{"item": "I1", "categories": [["A", "B"]], "image_urls": null}\n'
+                                    '\n{"item": "I2", "categories": null, "image_urls": ["u", ""]}\n')
+    assert read_meta_category_paths(d, "x") == {"I1": [["A", "B"]], "I2": []}
+    assert collect_image_urls(d) == {"I1": [], "I2": ["u"]}
+    (d / "x.meta.jsonl").write_text('{"item": "I1", "categories": "A > B"}\n')
+    with pytest.raises(DataError, match=r"x\.meta\.jsonl:1: bad metadata record \(categories must be a list"):
+        read_meta_category_paths(d, "x")
+    (d / "x.meta.jsonl").write_text('{"item": 7, "image_urls": []}\n')
+    with pytest.raises(DataError, match=r"x\.meta\.jsonl:1: bad metadata record \(item must be a string"):
+        collect_image_urls(d)

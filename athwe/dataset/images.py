@@ -48,6 +48,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
+from athwe.dataset.meta import read_meta
 from athwe.errors import DataError
 from athwe.utils import atomic_path, atomic_write_json
 
@@ -141,19 +142,8 @@ def collect_image_urls(dataset_dir: str | Path, name: str | None = None) -> dict
     meta = d / f"{name}.meta.jsonl"
     out: dict[str, list[str]] = {}
     if meta.is_file():
-        with open(meta, encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                    item = rec["item"]
-                    urls = rec.get("image_urls") or []
-                    if not isinstance(item, str) or not isinstance(urls, list):
-                        raise ValueError("item must be a string and image_urls a list")
-                except (ValueError, KeyError, TypeError) as e:
-                    raise DataError(f"{meta}:{lineno}: bad metadata record ({e})") from None
-                out.setdefault(item, [str(u) for u in urls if u])
+        for item, urls in read_meta(meta, "image_urls", lambda v: isinstance(v, list), "image_urls must be a list"):
+            out.setdefault(item, [str(u) for u in urls if u])
         return out
     item_file = d / f"{name}.item"
     if item_file.is_file():

@@ -11,13 +11,13 @@ cleaned fields are substituted without the added period.
 from __future__ import annotations
 
 import html
-import json
 import re
 import string
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from athwe.dataset.atomic import read_atomic
+from athwe.dataset.meta import read_meta
 from athwe.errors import DataError, FeatureError
 
 MAX_FIELD_CHARS = 2000
@@ -89,18 +89,8 @@ def read_meta_category_paths(dataset_dir: Path, name: str) -> dict[str, list[lis
     if not path.is_file():
         return None
     out: dict[str, list[list[str]]] = {}
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-                item, paths = rec["item"], rec.get("categories") or []
-                if not isinstance(paths, list):
-                    raise ValueError("categories must be a list of paths")
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}:{lineno}: bad metadata record ({e})") from None
-            out.setdefault(str(item), [[str(level) for level in p] for p in paths if isinstance(p, list)])
+    for item, paths in read_meta(path, "categories", lambda v: isinstance(v, list), "categories must be a list of paths"):
+        out.setdefault(item, [[str(level) for level in p] for p in paths if isinstance(p, list)])
     return out
 
 
