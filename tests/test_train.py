@@ -161,3 +161,17 @@ def test_data_info_on_lastfm():
     assert res.exit_code == 0
     info = json.loads(res.stdout)
     assert (info["users"], info["items"], info["interactions"]) == (1090, 3646, 52551)
+
+
+def test_cli_train_failure_leaves_no_run_folder(tiny_data_dir, tmp_path):
+    """`athwe train` defaults to ATHWE, which needs item features: the error names the command to
+    run, exits 2, and leaves no run folder behind."""
+    runs = tmp_path / "runs"
+    res = _cli(["train", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--runs-dir", str(runs),
+                "--epochs", "1"], tmp_path)
+    assert res.exit_code == 2 and "athwe extract --dataset tiny" in res.stderr
+    assert not runs.exists() or not any(runs.iterdir())
+    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--runs-dir",
+                str(runs), "--set", "model_args.num_heads=3"], tmp_path)
+    assert res.exit_code == 2 and "error" in res.stderr
+    assert not runs.exists() or not any(runs.iterdir())

@@ -116,7 +116,8 @@ def create_model(name: str, n_items: int, max_seq_length: int, model_config: Any
     entry = get_entry(name)
     if model_config is None or isinstance(model_config, dict):
         model_config = build_model_config(name, model_config)
-    if entry.needs_features:
-        return entry.cls(model_config, n_items=n_items, max_seq_length=max_seq_length, loss_type=loss_type,
-                         features=features)
-    return entry.cls(model_config, n_items=n_items, max_seq_length=max_seq_length, loss_type=loss_type)
+    kwargs = {"features": features} if entry.needs_features else {}
+    try:
+        return entry.cls(model_config, n_items=n_items, max_seq_length=max_seq_length, loss_type=loss_type, **kwargs)
+    except ValueError as e:  # a layer refusing its sizes: a config problem, reported as one line
+        raise ConfigError(f"{name}: invalid model settings ({e})") from None

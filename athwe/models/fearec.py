@@ -223,7 +223,7 @@ class HybridAttention(nn.Module):
         super().__init__()
         d = c.hidden_size
         if d % c.num_heads:
-            raise ValueError(f"hidden_size {d} is not a multiple of num_heads {c.num_heads}")
+            raise ConfigError(f"hidden_size {d} is not a multiple of num_heads {c.num_heads}")
         self.heads = c.num_heads
         self.query = nn.Linear(d, d)
         self.key = nn.Linear(d, d)

@@ -5,6 +5,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athwe.errors import ConfigError
+
 MASK_VALUE = -10000.0  # additive mask value of the reference code bases (finite: fully padded rows stay defined)
 
 
@@ -74,7 +76,7 @@ class MultiHeadAttention(nn.Module):
     def __init__(self, hidden: int, heads: int, attn_dropout: float, hidden_dropout: float, eps: float):
         super().__init__()
         if hidden % heads:
-            raise ValueError(f"hidden_size {hidden} is not a multiple of num_heads {heads}")
+            raise ConfigError(f"hidden_size {hidden} is not a multiple of num_heads {heads}")
         self.heads = heads
         self.query = nn.Linear(hidden, hidden)
         self.key = nn.Linear(hidden, hidden)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import shutil
 import time
 from datetime import datetime
 from pathlib import Path
@@ -314,9 +315,15 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
     printer(f"{cfg.data.dataset}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions; "
             f"{len(split.train)} training samples ({cfg.data.preset} preset, N={cfg.data.max_seq_length})")
     run = Path(run_dir) if run_dir else _new_run_dir(cfg)
+    created = not run.exists() or not any(run.iterdir())
     run.mkdir(parents=True, exist_ok=True)
+    try:
+        trainer = Trainer(cfg, run, data, split, printer, progress)
+    except BaseException:
+        if created:  # a model that cannot be built (missing features, bad model_args) leaves no run folder
+            shutil.rmtree(run, ignore_errors=True)
+        raise
     save_run_files(run, cfg, data)
-    trainer = Trainer(cfg, run, data, split, printer, progress)
     printer(f"run folder: {run}  model: {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters) "
             f"device: {trainer.device}")
     return run, trainer.fit(stop_after=stop_after)
