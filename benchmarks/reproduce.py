@@ -93,11 +93,15 @@ def write(out: str, command: str, rows: list[dict]) -> None:
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
+        means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}
         for label, table in (("published", PUBLISHED), ("reference code here", REFERENCE_HERE)):
             pub = table.get((r["dataset"], r["model"]))
             if pub:
                 lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
                              " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
+                lines.append(f"| {r['dataset']} | {r['model']} (ours / {label}) | | | | " +
+                             " | ".join(f"{100 * means[m] / pub[m]:.1f}%" if m in pub else "" for m in METRICS) +
+                             " | | | | |")
     lines += ["", "Per-seed values, run folders and resolved configs are in the .json beside this file. "
               "Runs are reused when a finished run with the same config is found under the runs folder, "
               "and interrupted ones resumed (wall s marked * is training seconds: the run was resumed or "
