@@ -31,6 +31,9 @@ from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_cache import find_run, finished, save_record  # noqa: E402
+
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
 VARIANTS: list[tuple[str, str, list[str]]] = [
@@ -85,9 +88,6 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
     from athwe.config import resolve_config
     from athwe.training.trainer import resume, train
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_cache import find_run, finished, save_record
-
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -110,9 +110,6 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
 def reuse(model: str, dataset: str, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any] | None:
     """The record of a finished run with this config under the runs folder, if there is one."""
     from athwe.config import resolve_config
-
-    sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from run_cache import find_run, finished
 
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
     found = find_run(cfg.to_dict(), cfg.train.runs_dir)
