@@ -141,10 +141,13 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
         lines.append(f"| {r['variant']} | {len(runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
-                     f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {max(mem):.0f} ({kind}) |")
+                     f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {max(mem):.0f} ({kind})"
+                     f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
     lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
               "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
-              "(ID only; category prediction stays on)."]
+              "(ID only; category prediction stays on).", "",
+              "Peak memory marked * includes a run that was interrupted and resumed: its figure is the peak of "
+              "the resumed part (the process that finished the run)."]
     Path(out + ".md").write_text("\n".join(lines) + "\n")
 
 

@@ -63,8 +63,10 @@ def finished(run: Path) -> dict[str, Any] | None:
               "wall_s": res["train_seconds"], "wall_s_is_train_s": True}
     path = run / BENCH_FILE
     if path.is_file():
-        record.update(json.loads(path.read_text()))
-        record.pop("wall_s_is_train_s", None)
+        saved = json.loads(path.read_text())
+        record.update(saved)
+        if "wall_s" in saved:  # a resumed run saves no wall time: its training seconds stand in
+            record.pop("wall_s_is_train_s", None)
     return record
 
 

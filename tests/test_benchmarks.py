@@ -55,3 +55,12 @@ def test_finished_record_prefers_saved_wall_time(tmp_path):
     rec = finished(run)
     assert rec["wall_s"] == 61.5 and rec["peak_rss_mb"] == 900.0 and "wall_s_is_train_s" not in rec
     assert not list(run.glob("*.tmp"))
+
+
+def test_resumed_run_keeps_training_seconds_flag(tmp_path):
+    """A resumed run records peak memory but no wall time: its training seconds stand in, flagged."""
+    cfg = resolve_config("sasrec", "LastFM").to_dict()
+    run = _run(tmp_path, "r", cfg, True, 0)
+    save_record(run, {"resumed": True, "peak_rss_mb": 700.0})
+    rec = finished(run)
+    assert rec["wall_s"] == 50.0 and rec["wall_s_is_train_s"] and rec["resumed"] and rec["peak_rss_mb"] == 700.0
