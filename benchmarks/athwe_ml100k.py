@@ -123,12 +123,12 @@ def mean_std(vals: list[float]) -> str:
 def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
-    h = rows[0]["runs"][0]["header"] if rows and rows[0]["runs"] else {}
+    h = next((r["runs"][0]["header"] for r in rows if r["runs"]), {})
     lines = [f"# ATHWE vs SASRec, BSARec, WEARec on {meta['dataset']}", "",
              f"Command: `{meta['command']}`", "",
              f"Protocol: {h.get('preset', '?')} preset, history {h.get('history', '?')}, full ranking over all items, "
              "chronological leave-one-out, one target per user, ties count items scored strictly higher, padding "
-             f"excluded. Test metrics as mean ± sample std over seeds {meta['seeds']}. Device {meta['device']}, "
+             f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). Device {meta['device']}, "
              f"{meta['threads']} thread(s); load average before {meta['load_avg']}.", "",
              "| variant | seeds | " + " | ".join(METRICS) + " | best epochs | samples/s | peak memory (MB) |",
              "|---" * (5 + len(METRICS)) + "|"]
@@ -139,7 +139,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
         cells = [mean_std([x["test"][m] for x in runs]) for m in METRICS]
         mem = [x.get("peak_cuda_mb", x.get("peak_rss_mb", 0.0)) for x in runs]
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
-        lines.append(f"| {r['variant']} | {len(runs)} | " + " | ".join(cells) +
+        lines.append(f"| {r['variant']} | {','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {max(mem):.0f} ({kind})"
                      f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
@@ -168,6 +168,9 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true",
                     help="train every run anew (default: reuse finished runs with the same config under "
                          "--runs-dir and resume interrupted ones)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
+                         "are left out of the row)")
     args = ap.parse_args()
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
@@ -182,7 +185,7 @@ def main() -> None:
     args.data_dir = writable_data_dir(args.dataset, args.data_dir, Path(args.runs_dir) / "data")
     athwe_cfg = resolve_config("athwe", args.dataset, overrides=args.set + args.athwe_set,
                                flags={"data.data_dir": args.data_dir})
-    if any(VARIANTS[[v[0] for v in VARIANTS].index(w)][1] == "athwe" for w in wanted):
+    if not args.report_only and any(VARIANTS[[v[0] for v in VARIANTS].index(w)][1] == "athwe" for w in wanted):
         ensure_features(args.dataset, args.data_dir, athwe_cfg.data.kcore, args.text_model, args.device)
     import torch
 
@@ -203,6 +206,9 @@ def main() -> None:
             res = None if args.fresh else reuse(model, args.dataset, overrides, flags)
             if res is not None:
                 print(f"{label} seed {seed}: reusing finished run {res['run_dir']}", flush=True)
+            elif args.report_only:
+                print(f"{label} seed {seed}: no finished run, left out", flush=True)
+                continue
             else:
                 # one fresh process per run: its peak RSS is this run's alone
                 with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:

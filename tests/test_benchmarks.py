@@ -64,3 +64,31 @@ def test_resumed_run_keeps_training_seconds_flag(tmp_path):
     save_record(run, {"resumed": True, "peak_rss_mb": 700.0})
     rec = finished(run)
     assert rec["wall_s"] == 50.0 and rec["wall_s_is_train_s"] and rec["resumed"] and rec["peak_rss_mb"] == 700.0
+
+
+def test_athwe_ml100k_report_only_tabulates_finished_runs(tmp_path, monkeypatch, capsys):
+    """--report-only trains nothing: finished runs are tabulated, seeds without one are left out."""
+    import athwe_ml100k
+
+    data = tmp_path / "data"
+    (data / "ml-100k").mkdir(parents=True)
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        cfg = resolve_config("sasrec", "ml-100k", flags={"train.seed": seed}).to_dict()
+        _run(runs, f"sasrec-{seed}", cfg, True, seed)
+        rec = json.loads((runs / f"sasrec-{seed}" / "results.json").read_text())
+        rec["test"] = {m: 0.1 * seed for m in athwe_ml100k.METRICS}
+        rec["header"] = {"preset": "recbole", "history": "none"}
+        (runs / f"sasrec-{seed}" / "results.json").write_text(json.dumps(rec))
+    _run(runs, "sasrec-3", resolve_config("sasrec", "ml-100k", flags={"train.seed": 3}).to_dict(), False, 3)
+    out = tmp_path / "table"
+    monkeypatch.setattr(sys, "argv", ["athwe_ml100k.py", "--data-dir", str(data), "--runs-dir", str(runs),
+                                      "--seeds", "1,2,3", "--variants", "SASRec,BSARec", "--report-only",
+                                      "--out", str(out)])
+    athwe_ml100k.main()
+    md = (tmp_path / "table.md").read_text()
+    row = next(line for line in md.splitlines() if line.startswith("| SASRec |"))
+    assert row.startswith("| SASRec | 1,2 | 0.1500 ± 0.0707 |")
+    assert "| BSARec |" not in md
+    assert "seed 3: no finished run, left out" in capsys.readouterr().out
+    assert sorted(p.name for p in runs.iterdir()) == ["data", "sasrec-1", "sasrec-2", "sasrec-3"]
