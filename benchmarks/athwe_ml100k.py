@@ -124,8 +124,9 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     h = next((r["runs"][0]["header"] for r in rows if r["runs"]), {})
-    lines = [f"# ATHWE vs SASRec, BSARec, WEARec on {meta['dataset']}", "",
-             f"Command: `{meta['command']}`", "",
+    lines = [f"# {', '.join(r['variant'] for r in rows if r['runs'])} on {meta['dataset']}", "",
+             f"Command: `{meta['command']}`" + (" (this table: its finished runs, read back with --report-only)"
+                                                 if meta.get("report_only") else ""), "",
              f"Protocol: {h.get('preset', '?')} preset, history {h.get('history', '?')}, full ranking over all items, "
              "chronological leave-one-out, one target per user, ties count items scored strictly higher, padding "
              f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). Device {meta['device']}, "
@@ -172,7 +173,8 @@ def main() -> None:
                     help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
                          "are left out of the row)")
     args = ap.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    # the command that trains what the table shows (a --report-only table is read from its runs)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--report-only")
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
     if unknown:
@@ -191,7 +193,7 @@ def main() -> None:
 
     meta = {"command": command, "dataset": args.dataset, "seeds": seeds, "device": str(resolve_device(args.device)),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "load_avg": [round(x, 2) for x in os.getloadavg()]}
+            "python": platform.python_version(), "report_only": args.report_only, "load_avg": [round(x, 2) for x in os.getloadavg()]}
     rows = []
     for label, model, extra in VARIANTS:
         if label not in wanted:
