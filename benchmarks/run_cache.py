@@ -3,11 +3,16 @@ job time limit) continues where it left off when it is started again with the sa
 
 A run folder matches a requested run when its saved config.yaml equals the requested config in
 everything that can change the result; the thread count, device, runs folder and data folder are
-left out of the comparison (they change speed or paths, not what is trained).
+left out of the comparison (they change speed or paths, not what is trained). The data must be
+the same too: a run records a fingerprint of its dataset folder's files (and extracted feature
+manifest) in benchmark.json and matches only while they are unchanged (a regenerated demo or
+re-extracted features invalidate older runs); a run that has no fingerprint yet (one still
+training) is taken to be on the current data.
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -26,9 +31,42 @@ def result_key(cfg: dict[str, Any]) -> dict[str, Any]:
     return key
 
 
+def data_files(cfg: dict[str, Any]) -> list[Path]:
+    """The files a run's data comes from: the dataset folder's own files (links followed) and the
+    extracted features' manifest; empty when the folder is not there."""
+    data = cfg.get("data", {})
+    folder = Path(str(data.get("data_dir", ""))) / str(data.get("dataset", ""))
+    if not folder.is_dir():
+        return []
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    manifest = folder / "features" / "manifest.json"
+    return files + ([manifest] if manifest.is_file() else [])
+
+
+def data_fingerprint(cfg: dict[str, Any]) -> str | None:
+    files = data_files(cfg)
+    if not files:
+        return None
+    h = hashlib.sha256()
+    for f in files:
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                h.update(block)
+    return h.hexdigest()[:16]
+
+
+def _same_data(run: Path, fingerprint: str | None) -> bool:
+    path = run / BENCH_FILE
+    saved = json.loads(path.read_text()).get("data_fingerprint") if path.is_file() else None
+    return saved is None or fingerprint is None or saved == fingerprint
+
+
 def find_run(cfg: dict[str, Any], runs_dir: str | Path) -> Path | None:
-    """The newest run folder under `runs_dir` trained with `cfg` (finished ones first), or None."""
+    """The newest run folder under `runs_dir` trained with `cfg` on the same data (finished ones
+    first), or None."""
     want = result_key(cfg)
+    fingerprint = data_fingerprint(cfg)
     root = Path(runs_dir)
     if not root.is_dir():
         return None
@@ -41,7 +79,7 @@ def find_run(cfg: dict[str, Any], runs_dir: str | Path) -> Path | None:
             saved = yaml.safe_load(conf.read_text())
         except yaml.YAMLError:
             continue
-        if isinstance(saved, dict) and result_key(saved) == want:
+        if isinstance(saved, dict) and result_key(saved) == want and _same_data(path, fingerprint):
             found.append(((path / "results.json").is_file(), conf.stat().st_mtime, path))
     if not found:
         return None
@@ -71,6 +109,9 @@ def finished(run: Path) -> dict[str, Any] | None:
 
 
 def save_record(run: Path, record: dict[str, Any]) -> None:
+    """Write `record` to the run's benchmark.json, with the fingerprint of the data it was trained on."""
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    record = {**record, "data_fingerprint": data_fingerprint(cfg if isinstance(cfg, dict) else {})}
     tmp = run / (BENCH_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(run / BENCH_FILE)

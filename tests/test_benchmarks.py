@@ -92,3 +92,26 @@ def test_athwe_ml100k_report_only_tabulates_finished_runs(tmp_path, monkeypatch,
     assert "| BSARec |" not in md
     assert "seed 3: no finished run, left out" in capsys.readouterr().out
     assert sorted(p.name for p in runs.iterdir()) == ["data", "sasrec-1", "sasrec-2", "sasrec-3"]
+
+
+def test_runs_on_other_data_are_not_reused(tmp_path):
+    """save_record stores the data fingerprint; changed data (a regenerated dataset, re-extracted
+    features) no longer matches; a run without a fingerprint yet (still training) still does."""
+    data = tmp_path / "data" / "LastFM"
+    data.mkdir(parents=True)
+    (data / "LastFM.txt").write_text("1 1 2 3\n")
+    cfg = resolve_config("sasrec", "LastFM", flags={"data.data_dir": str(tmp_path / "data")}).to_dict()
+    runs = tmp_path / "runs"
+    run = _run(runs, "a", cfg, True, 0)
+    save_record(run, {"wall_s": 1.0})
+    assert json.loads((run / "benchmark.json").read_text())["data_fingerprint"]
+    assert find_run(cfg, runs) == run
+    (data / "features").mkdir()
+    (data / "features" / "manifest.json").write_text("{}")
+    assert find_run(cfg, runs) is None  # features extracted since
+    (data / "features" / "manifest.json").unlink()
+    assert find_run(cfg, runs) == run
+    (data / "LastFM.txt").write_text("1 1 2 4\n")
+    assert find_run(cfg, runs) is None
+    training = _run(runs, "b", cfg, False, 5)
+    assert find_run(cfg, runs) == training
