@@ -25,14 +25,13 @@ import resource
 import shlex
 import statistics
 import sys
-import time
 from concurrent.futures import ProcessPoolExecutor
 from multiprocessing import get_context
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cache import find_run, finished, save_record  # noqa: E402
+from run_cache import find_run, finished, record_of, train_or_reuse  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -86,25 +85,15 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
     import torch
 
     from athwe.config import resolve_config
-    from athwe.training.trainer import resume, train
 
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    found = None if fresh else find_run(cfg.to_dict(), cfg.train.runs_dir)
-    t0 = time.perf_counter()
-    record: dict[str, Any] = {}
-    if found is not None and (found / "last.pt").is_file():
-        resume(found, printer=lambda s: None, progress=False)
-        run_dir, record["resumed"] = found, True
-    else:
-        run_dir, _ = train(cfg, printer=lambda s: None, progress=False)
-        record["wall_s"] = round(time.perf_counter() - t0, 1)
-    record["peak_rss_mb"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
+    run_dir, how, seconds = train_or_reuse(cfg, fresh, log=lambda s: None)
+    extra = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available() and cfg.train.device != "cpu":
-        record["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    save_record(run_dir, record)
-    return finished(run_dir)
+        extra["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return record_of(run_dir, how, seconds, extra)
 
 
 def reuse(model: str, dataset: str, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any] | None:

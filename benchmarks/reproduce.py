@@ -11,16 +11,14 @@ import json
 import shlex
 import statistics
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import PUBLISHED, REFERENCE_HERE  # noqa: E402
 
-from run_cache import find_run, finished, save_record  # noqa: E402
+from run_cache import record_of, train_or_reuse  # noqa: E402
 
 from athwe.config import resolve_config  # noqa: E402
-from athwe.training.trainer import resume, train  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 
@@ -48,28 +46,18 @@ def main() -> None:
                 for seed in [int(s) for s in args.seeds.split(",")]:
                     cfg = resolve_config(model, dataset, overrides=args.set, flags={
                         "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed, "train.runs_dir": args.runs_dir})
-                    runs.append({"seed": seed, **run_or_reuse(cfg, args.runs_dir, args.fresh)})
+                    runs.append({"seed": seed, **run_or_reuse(cfg, args.fresh)})
                     print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
                     # rewrite the tables after every run, so an interrupted benchmark keeps what finished
                     write(args.out, command, rows + [{"dataset": dataset, "model": model, "loss": loss, "runs": runs}])
                 rows.append({"dataset": dataset, "model": model, "loss": loss, "runs": runs})
 
 
-def run_or_reuse(cfg, runs_dir: str, fresh: bool) -> dict:
-    """Train `cfg`, or reuse a finished run with the same config, or resume an interrupted one
-    (its wall time is then unknown: the table shows its training seconds, marked *)."""
-    found = None if fresh else find_run(cfg.to_dict(), runs_dir)
-    if found is not None and (done := finished(found)) is not None:
-        print(f"reusing finished run {found}", flush=True)
-        return done
-    if found is not None and (found / "last.pt").is_file():
-        print(f"resuming {found}", flush=True)
-        resume(found, progress=False)
-        return finished(found)
-    t0 = time.time()
-    run_dir, _ = train(cfg, progress=False)
-    save_record(run_dir, {"wall_s": round(time.time() - t0, 1)})
-    return finished(run_dir)
+def run_or_reuse(cfg, fresh: bool) -> dict:
+    """Train `cfg`, or reuse a finished run with the same config and data, or resume an interrupted
+    one (its wall time is then unknown: the table shows its training seconds, marked *)."""
+    run_dir, how, seconds = train_or_reuse(cfg, fresh, log=lambda s: print(s, flush=True))
+    return record_of(run_dir, how, seconds)
 
 
 def write(out: str, command: str, rows: list[dict]) -> None:

@@ -14,8 +14,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import json
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
 
@@ -115,3 +116,38 @@ def save_record(run: Path, record: dict[str, Any]) -> None:
     tmp = run / (BENCH_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(run / BENCH_FILE)
+
+
+def train_or_reuse(cfg: Any, fresh: bool = False, log: Callable[[str], None] = print,
+                   printer: Callable[[str], None] = lambda s: None) -> tuple[Path, str, float]:
+    """Obtain the run of resolved config `cfg` (an athwe RunConfig) under its train.runs_dir:
+    reuse a finished run trained with the same config on the same data, resume an interrupted one
+    from its last epoch, or train anew (`fresh` skips the search). Returns (run folder, how, seconds
+    spent here) with how one of "reused", "resumed", "trained". `log` hears which it was; the
+    trainer's own lines go to `printer`."""
+    from athwe.training.trainer import resume, train
+
+    found = None if fresh else find_run(cfg.to_dict(), cfg.train.runs_dir)
+    if found is not None and finished(found) is not None:
+        log(f"reusing finished run {found}")
+        return found, "reused", 0.0
+    t0 = time.perf_counter()
+    if found is not None and (found / "last.pt").is_file():
+        log(f"resuming {found}")
+        resume(found, printer=printer, progress=False)
+        return found, "resumed", time.perf_counter() - t0
+    run_dir, _ = train(cfg, printer=printer, progress=False)
+    return run_dir, "trained", time.perf_counter() - t0
+
+
+def record_of(run_dir: Path, how: str, seconds: float, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Save what this process measured about a run it trained or resumed (its wall time, or that it
+    was resumed, whose wall time is then unknown; plus `extra`) beside the run, and return the
+    run's finished record. A reused run's saved record is left as it is."""
+    if how != "reused":
+        mark = {"wall_s": round(seconds, 1)} if how == "trained" else {"resumed": True}
+        save_record(run_dir, {**mark, **(extra or {})})
+    done = finished(run_dir)
+    if done is None:
+        raise RuntimeError(f"{run_dir}: the run ended without results.json")
+    return done

@@ -115,3 +115,41 @@ def test_runs_on_other_data_are_not_reused(tmp_path):
     assert find_run(cfg, runs) is None
     training = _run(runs, "b", cfg, False, 5)
     assert find_run(cfg, runs) == training
+
+
+def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monkeypatch):
+    import pytest
+
+    from athwe.training import trainer as tr
+    from conftest import TINY_MODEL
+    from run_cache import record_of, train_or_reuse
+
+    def cfg(seed):
+        return resolve_config("sasrec", "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()], flags={
+            "data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"), "data.max_seq_length": 8,
+            "train.batch_size": 32, "train.epochs": 3, "train.seed": seed})
+
+    heard: list[str] = []
+    run, how, secs = train_or_reuse(cfg(1), log=heard.append)
+    assert how == "trained" and secs > 0 and not heard
+    rec = record_of(run, how, secs, {"peak_rss_mb": 1.0})
+    assert rec["wall_s"] == round(secs, 1) and rec["peak_rss_mb"] == 1.0 and rec["data_fingerprint"]
+    assert train_or_reuse(cfg(1), log=heard.append) == (run, "reused", 0.0) and heard == [f"reusing finished run {run}"]
+    assert record_of(run, "reused", 0.0)["peak_rss_mb"] == 1.0  # a reused run's record is left as it was
+    assert train_or_reuse(cfg(1), fresh=True, log=heard.append)[0] != run
+
+    original = tr.Trainer.train_epoch
+
+    def dying(self):
+        if self.epoch == 1:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(tr.Trainer, "train_epoch", dying)
+    with pytest.raises(KeyboardInterrupt):
+        train_or_reuse(cfg(2))
+    monkeypatch.setattr(tr.Trainer, "train_epoch", original)
+    run2, how, secs = train_or_reuse(cfg(2), log=heard.append)
+    assert how == "resumed" and run2 != run and heard[-1] == f"resuming {run2}"
+    rec = record_of(run2, how, secs)
+    assert rec["resumed"] and rec["wall_s_is_train_s"] and rec["epochs"] == 3 and rec["data_fingerprint"]
