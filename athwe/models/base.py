@@ -17,6 +17,7 @@ from torch import nn
 
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import ConfigError
+from athwe.models.layers import attention_mask
 
 LOSSES = ("ce", "bce")
 
@@ -67,6 +68,27 @@ class SequentialRecommender(nn.Module):
             main = (F.softplus(-pos) + F.softplus(neg)).mean()  # -log sig(pos) - log(1 - sig(neg))
         extra = self.extra_loss(batch, q)
         return main if extra is None else main + extra
+
+
+class StackedEncoder(SequentialRecommender):
+    """A model built as ``self.embedding`` (items + positions, athwe.models.layers.SequenceEmbedding)
+    followed by ``self.blocks`` called as ``block(x, causal_mask, last_only)``; its query is the
+    last position's hidden state and its item vectors are the item embedding table."""
+
+    def encode(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
+        """(B, N, d) hidden states; with `last_only` the final block computes the last position
+        alone, (B, 1, d), which is all the readout needs (identical values, about half the work)."""
+        x = self.embedding(input_ids)
+        mask = attention_mask(input_ids, causal=True)
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, last_only and i == len(self.blocks) - 1)
+        return x
+
+    def query_vectors(self, batch: Batch) -> torch.Tensor:
+        return self.encode(batch.input_ids, last_only=True)[:, -1]
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.embedding.item.weight
 
 
 @dataclasses.dataclass

@@ -22,10 +22,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
-from athwe.models.base import SequentialRecommender, register_model
-from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, attention_mask, dropout,
+from athwe.models.base import StackedEncoder, register_model
+from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, dropout,
                                  init_weights)
 
 
@@ -138,7 +137,7 @@ class BSARecBlock(nn.Module):
 
 
 @register_model("bsarec", BSARecConfig, "BSARec: low-pass inductive bias + causal self-attention (ID only)")
-class BSARec(SequentialRecommender):
+class BSARec(StackedEncoder):
     """BSARec: low-pass inductive bias + causal self-attention (ID only)."""
 
     supports_trimming = False  # the low-pass filter sees the padding positions, as in the reference
@@ -155,17 +154,3 @@ class BSARec(SequentialRecommender):
         self.embedding = SequenceEmbedding(n_items, max_seq_length, c.hidden_size, c.hidden_dropout, c.layer_norm_eps)
         self.blocks = nn.ModuleList(BSARecBlock(c, max_seq_length) for _ in range(c.num_layers))
         self.apply(lambda m: init_weights(m, c.initializer_range))
-
-    def encode(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """(B, N, d) hidden states, or (B, 1, d) for the last position when `last_only` (same values)."""
-        x = self.embedding(input_ids)
-        mask = attention_mask(input_ids, causal=True)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, last_only and i == len(self.blocks) - 1)
-        return x
-
-    def query_vectors(self, batch: Batch) -> torch.Tensor:
-        return self.encode(batch.input_ids, last_only=True)[:, -1]
-
-    def item_vectors(self) -> torch.Tensor:
-        return self.embedding.item.weight

@@ -3,12 +3,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
 from torch import nn
 
-from athwe.dataset.split import Batch
-from athwe.models.base import SequentialRecommender, register_model
-from athwe.models.layers import SequenceEmbedding, TransformerBlock, attention_mask, init_weights
+from athwe.models.base import StackedEncoder, register_model
+from athwe.models.layers import SequenceEmbedding, TransformerBlock, init_weights
 
 
 @dataclass
@@ -24,7 +22,7 @@ class SASRecConfig:
 
 
 @register_model("sasrec", SASRecConfig, "SASRec: causal multi-head self-attention (ID only)")
-class SASRec(SequentialRecommender):
+class SASRec(StackedEncoder):
     supports_trimming = True  # padding keys are masked out of attention
     def __init__(self, config: SASRecConfig, n_items: int, max_seq_length: int, loss_type: str = "ce"):
         super().__init__(config, n_items, max_seq_length, loss_type)
@@ -34,18 +32,3 @@ class SASRec(SequentialRecommender):
             TransformerBlock(c.hidden_size, c.num_heads, c.inner_size, c.attn_dropout, c.hidden_dropout, c.layer_norm_eps)
             for _ in range(c.num_layers))
         self.apply(lambda m: init_weights(m, c.initializer_range))
-
-    def encode(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """(B, N, d) hidden states; with `last_only` the final block computes the last position
-        alone, (B, 1, d), which is all the readout needs (identical values, about half the work)."""
-        x = self.embedding(input_ids)
-        mask = attention_mask(input_ids, causal=True)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, last_only and i == len(self.blocks) - 1)
-        return x
-
-    def query_vectors(self, batch: Batch) -> torch.Tensor:
-        return self.encode(batch.input_ids, last_only=True)[:, -1]
-
-    def item_vectors(self) -> torch.Tensor:
-        return self.embedding.item.weight
