@@ -1,4 +1,5 @@
-"""Published full-ranking numbers (specs/published-results.md) that the reproduction tables cite."""
+"""Published full-ranking numbers (specs/published-results.md) that the reproduction tables cite,
+keyed by (dataset, model); each table holds figures for one sequence length N."""
 
 # WEARec paper Table 1 (BSARec code base, bsarec preset, N=50); @5 rows from the BSARec paper / WEARec logs.
 PUBLISHED = {
@@ -16,3 +17,14 @@ REFERENCE_HERE = {
     ("LastFM", "wearec"): {"HR@5": .0477, "HR@10": .0688, "HR@20": .1128, "NDCG@5": .0322, "NDCG@10": .0391, "NDCG@20": .0501},
     ("LastFM", "bsarec"): {"HR@5": .0468, "HR@10": .0661, "HR@20": .1055, "NDCG@5": .0345, "NDCG@10": .0408, "NDCG@20": .0507},
 }
+# WEARec README, long-sequence update (N=200), LastFM.
+PUBLISHED_N200 = {
+    ("LastFM", "wearec"): {"HR@5": .0661, "HR@10": .0972, "HR@20": .1477, "NDCG@5": .0456, "NDCG@10": .0556, "NDCG@20": .0682},
+}
+
+
+def comparisons(dataset: str, model: str, max_seq_length: int) -> list[tuple[str, dict[str, float]]]:
+    """(label, figures) of the published and reference-code rows measured at this sequence length."""
+    tables = {50: [("published", PUBLISHED), ("reference code here", REFERENCE_HERE)],
+              200: [("published, N=200", PUBLISHED_N200)]}.get(max_seq_length, [])
+    return [(label, table[(dataset, model)]) for label, table in tables if (dataset, model) in table]

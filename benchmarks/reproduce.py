@@ -14,9 +14,9 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from published import PUBLISHED, REFERENCE_HERE  # noqa: E402
+from published import comparisons  # noqa: E402
 
-from run_cache import record_of, train_or_reuse  # noqa: E402
+from run_cache import find_run, finished, record_of, train_or_reuse  # noqa: E402
 
 from athwe.config import resolve_config  # noqa: E402
 
@@ -36,8 +36,12 @@ def main() -> None:
     ap.add_argument("--fresh", action="store_true",
                     help="train every run anew (default: reuse finished runs with the same config under "
                          "--runs-dir and resume interrupted ones)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
+                         "are left out)")
     args = ap.parse_args()
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    # the command that trains what the table shows (a --report-only table is read from its runs)
+    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--report-only")
     rows = []
     for dataset in args.datasets.split(","):
         for model in args.models.split(","):
@@ -46,11 +50,23 @@ def main() -> None:
                 for seed in [int(s) for s in args.seeds.split(",")]:
                     cfg = resolve_config(model, dataset, overrides=args.set, flags={
                         "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed, "train.runs_dir": args.runs_dir})
-                    runs.append({"seed": seed, **run_or_reuse(cfg, args.fresh)})
+                    if args.report_only:
+                        found = find_run(cfg.to_dict(), args.runs_dir)
+                        done = finished(found) if found is not None else None
+                        if done is None:
+                            print(f"{model} {dataset} {loss} seed {seed}: no finished run, left out", flush=True)
+                            continue
+                    else:
+                        done = run_or_reuse(cfg, args.fresh)
+                    runs.append({"seed": seed, **done})
                     print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
                     # rewrite the tables after every run, so an interrupted benchmark keeps what finished
-                    write(args.out, command, rows + [{"dataset": dataset, "model": model, "loss": loss, "runs": runs}])
-                rows.append({"dataset": dataset, "model": model, "loss": loss, "runs": runs})
+                    write(args.out, command, rows + [{"dataset": dataset, "model": model, "loss": loss, "runs": runs}],
+                          args.report_only)
+                if runs:
+                    rows.append({"dataset": dataset, "model": model, "loss": loss, "runs": runs})
+    if not rows:
+        raise SystemExit(f"error: no finished runs under {args.runs_dir}; nothing written to {args.out}.md")
 
 
 def run_or_reuse(cfg, fresh: bool) -> dict:
@@ -60,14 +76,15 @@ def run_or_reuse(cfg, fresh: bool) -> dict:
     return record_of(run_dir, how, seconds)
 
 
-def write(out: str, command: str, rows: list[dict]) -> None:
+def write(out: str, command: str, rows: list[dict], report_only: bool = False) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out + ".json").write_text(json.dumps({"command": command, "rows": rows}, indent=2) + "\n")
+    Path(out + ".json").write_text(json.dumps({"command": command, "report_only": report_only, "rows": rows}, indent=2) + "\n")
     lines = [f"# Reproduction: {', '.join(sorted({r['model'] for r in rows}))} on {', '.join(sorted({r['dataset'] for r in rows}))}", "",
-             f"Command: `{command}`", "",
+             f"Command: `{command}`" + (" (this table: its finished runs, read back with --report-only)"
+                                        if report_only else ""), "",
              "Full ranking over all items, chronological leave-one-out, one target per user; "
              "ties count items scored strictly higher; padding excluded.", "",
-             "| dataset | model | loss | preset / history | seeds | " + " | ".join(METRICS) + " | best epoch | epochs | samples/s | wall s |",
+             "| dataset | model | loss | preset / history / N | seeds | " + " | ".join(METRICS) + " | best epoch | epochs | samples/s | wall s |",
              "|---" * (9 + len(METRICS)) + "|"]
     for r in rows:
         runs = r["runs"]
@@ -76,20 +93,18 @@ def write(out: str, command: str, rows: list[dict]) -> None:
         for m in METRICS:
             vals = [x["test"][m] for x in runs]
             cells.append(f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['loss']} | {h['preset']} / {h['history']} | "
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['loss']} | {h['preset']} / {h['history']} / {runs[0]['config']['data']['max_seq_length']} | "
                      f"{','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}
-        for label, table in (("published", PUBLISHED), ("reference code here", REFERENCE_HERE)):
-            pub = table.get((r["dataset"], r["model"]))
-            if pub:
-                lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
-                             " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
-                lines.append(f"| {r['dataset']} | {r['model']} (ours / {label}) | | | | " +
-                             " | ".join(f"{100 * means[m] / pub[m]:.1f}%" if m in pub else "" for m in METRICS) +
-                             " | | | | |")
+        for label, pub in comparisons(r["dataset"], r["model"], runs[0]["config"]["data"]["max_seq_length"]):
+            lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
+                         " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
+            lines.append(f"| {r['dataset']} | {r['model']} (ours / {label}) | | | | " +
+                         " | ".join(f"{100 * means[m] / pub[m]:.1f}%" if m in pub else "" for m in METRICS) +
+                         " | | | | |")
     lines += ["", "Per-seed values, run folders and resolved configs are in the .json beside this file. "
               "Runs are reused when a finished run with the same config is found under the runs folder, "
               "and interrupted ones resumed (wall s marked * is training seconds: the run was resumed or "

@@ -153,3 +153,13 @@ def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monke
     assert how == "resumed" and run2 != run and heard[-1] == f"resuming {run2}"
     rec = record_of(run2, how, secs)
     assert rec["resumed"] and rec["wall_s_is_train_s"] and rec["epochs"] == 3 and rec["data_fingerprint"]
+
+
+def test_reproduction_tables_compare_at_the_same_sequence_length():
+    from published import comparisons
+
+    assert [label for label, _ in comparisons("LastFM", "wearec", 50)] == ["published", "reference code here"]
+    (label, figures), = comparisons("LastFM", "wearec", 200)
+    assert label == "published, N=200" and figures["HR@10"] == .0972 and figures["NDCG@10"] == .0556
+    assert comparisons("LastFM", "wearec", 100) == [] and comparisons("LastFM", "asrec", 50) == []
+    assert [label for label, _ in comparisons("Beauty", "fearec", 50)] == ["published"]
