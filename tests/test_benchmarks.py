@@ -163,3 +163,32 @@ def test_reproduction_tables_compare_at_the_same_sequence_length():
     assert label == "published, N=200" and figures["HR@10"] == .0972 and figures["NDCG@10"] == .0556
     assert comparisons("LastFM", "wearec", 100) == [] and comparisons("LastFM", "asrec", 50) == []
     assert [label for label, _ in comparisons("Beauty", "fearec", 50)] == ["published"]
+
+
+def test_reproduce_report_only_tabulates_finished_runs(tmp_path, monkeypatch, capsys):
+    """reproduce.py --report-only trains nothing; the published row is the one for the run's N."""
+    import pytest
+    import reproduce
+
+    runs = tmp_path / "runs"
+    for seed in (1, 2):
+        cfg = resolve_config("wearec", "LastFM", flags={"train.seed": seed, "data.max_seq_length": 200}).to_dict()
+        _run(runs, f"wearec-{seed}", cfg, True, seed)
+        rec = json.loads((runs / f"wearec-{seed}" / "results.json").read_text())
+        rec["test"] = {m: 0.1 * seed for m in reproduce.METRICS}
+        rec["header"] = {"preset": "bsarec", "history": "zero"}
+        (runs / f"wearec-{seed}" / "results.json").write_text(json.dumps(rec))
+    out = tmp_path / "table"
+    argv = ["reproduce.py", "--models", "wearec", "--datasets", "LastFM", "--seeds", "1,2,3", "--runs-dir", str(runs),
+            "--set", "data.max_seq_length=200", "--report-only", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    reproduce.main()
+    md = (tmp_path / "table.md").read_text()
+    assert "| LastFM | wearec | ce | bsarec / zero / 200 | 1,2 | 0.1500 ± 0.0707 |" in md
+    assert "| LastFM | wearec (published, N=200) | | | | 0.0661 | 0.0972 |" in md and "(reference code here)" not in md
+    assert "--report-only" not in md.splitlines()[2].split("`")[1]
+    assert "seed 3: no finished run, left out" in capsys.readouterr().out
+    assert sorted(p.name for p in runs.iterdir()) == ["wearec-1", "wearec-2"]
+    monkeypatch.setattr(sys, "argv", [a if a != "1,2,3" else "3" for a in argv])
+    with pytest.raises(SystemExit, match="no finished runs"):
+        reproduce.main()
