@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pytest
@@ -85,3 +86,19 @@ def write_random_features(dataset_dir: Path, item_tokens: list[str], seed: int =
 @pytest.fixture
 def tiny_data_dir(tmp_path) -> Path:
     return write_tiny_dataset(tmp_path / "data")
+
+
+def train_dies_in_epoch(monkeypatch, epoch: int) -> Callable[[], None]:
+    """Make training raise KeyboardInterrupt during epoch `epoch` + 1 (after epoch `epoch`'s
+    checkpoint was written), as a killed process would; returns a function that undoes it."""
+    from athwe.training import trainer as tr
+
+    original = tr.Trainer.train_epoch
+
+    def dying(self):
+        if self.epoch == epoch:
+            raise KeyboardInterrupt
+        return original(self)
+
+    monkeypatch.setattr(tr.Trainer, "train_epoch", dying)
+    return lambda: monkeypatch.setattr(tr.Trainer, "train_epoch", original)

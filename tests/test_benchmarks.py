@@ -120,8 +120,7 @@ def test_runs_on_other_data_are_not_reused(tmp_path):
 def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monkeypatch):
     import pytest
 
-    from athwe.training import trainer as tr
-    from conftest import TINY_MODEL
+    from conftest import TINY_MODEL, train_dies_in_epoch
     from run_cache import record_of, train_or_reuse
 
     def cfg(seed):
@@ -138,17 +137,10 @@ def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monke
     assert record_of(run, "reused", 0.0)["peak_rss_mb"] == 1.0  # a reused run's record is left as it was
     assert train_or_reuse(cfg(1), fresh=True, log=heard.append)[0] != run
 
-    original = tr.Trainer.train_epoch
-
-    def dying(self):
-        if self.epoch == 1:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(tr.Trainer, "train_epoch", dying)
+    undo = train_dies_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
         train_or_reuse(cfg(2))
-    monkeypatch.setattr(tr.Trainer, "train_epoch", original)
+    undo()
     run2, how, secs = train_or_reuse(cfg(2), log=heard.append)
     assert how == "resumed" and run2 != run and heard[-1] == f"resuming {run2}"
     rec = record_of(run2, how, secs)

@@ -13,7 +13,7 @@ from athwe.cli import app
 from athwe.config import resolve_config
 from athwe.errors import ConfigError
 from athwe.training import trainer as tr
-from conftest import SHARED_DATA, TINY_MODEL
+from conftest import SHARED_DATA, TINY_MODEL, train_dies_in_epoch
 
 
 def tiny_cfg(data_dir: Path, runs: Path, **train):
@@ -55,18 +55,11 @@ def test_interrupted_then_resumed_equals_uninterrupted(tiny_data_dir, tmp_path, 
     run_a, full = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "a", loss=loss), **quiet)
 
     # kill the second run in the middle of epoch 3 (after epoch 2's checkpoint was written)
-    original = tr.Trainer.train_epoch
-
-    def dying(self):
-        if self.epoch == 2:
-            raise KeyboardInterrupt
-        return original(self)
-
-    monkeypatch.setattr(tr.Trainer, "train_epoch", dying)
+    undo = train_dies_in_epoch(monkeypatch, 2)
     cfg_b = tiny_cfg(tiny_data_dir, tmp_path / "b", loss=loss)
     with pytest.raises(KeyboardInterrupt):
         tr.train(cfg_b, run_dir=tmp_path / "b" / "run", **quiet)
-    monkeypatch.setattr(tr.Trainer, "train_epoch", original)
+    undo()
     assert torch.load(tmp_path / "b" / "run" / "last.pt", weights_only=True)["epoch"] == 2
     resumed = tr.resume(tmp_path / "b" / "run", **quiet)
 
