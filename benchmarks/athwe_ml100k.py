@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cache import find_run, finished, record_of, train_or_reuse  # noqa: E402
+from run_cache import finished_run, record_of, train_or_reuse  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -101,8 +101,7 @@ def reuse(model: str, dataset: str, overrides: list[str], flags: dict[str, Any])
     from athwe.config import resolve_config
 
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
-    found = find_run(cfg.to_dict(), cfg.train.runs_dir)
-    return finished(found) if found is not None else None
+    return finished_run(cfg.to_dict(), cfg.train.runs_dir)
 
 
 def mean_std(vals: list[float]) -> str:

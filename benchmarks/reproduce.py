@@ -16,7 +16,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import comparisons  # noqa: E402
 
-from run_cache import find_run, finished, record_of, train_or_reuse  # noqa: E402
+from run_cache import finished_run, record_of, train_or_reuse  # noqa: E402
 
 from athwe.config import resolve_config  # noqa: E402
 
@@ -51,8 +51,7 @@ def main() -> None:
                     cfg = resolve_config(model, dataset, overrides=args.set, flags={
                         "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed, "train.runs_dir": args.runs_dir})
                     if args.report_only:
-                        found = find_run(cfg.to_dict(), args.runs_dir)
-                        done = finished(found) if found is not None else None
+                        done = finished_run(cfg.to_dict(), args.runs_dir)
                         if done is None:
                             print(f"{model} {dataset} {loss} seed {seed}: no finished run, left out", flush=True)
                             continue
@@ -93,13 +92,14 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
         for m in METRICS:
             vals = [x["test"][m] for x in runs]
             cells.append(f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['loss']} | {h['preset']} / {h['history']} / {runs[0]['config']['data']['max_seq_length']} | "
+        n = runs[0]["config"]["data"]["max_seq_length"]
+        lines.append(f"| {r['dataset']} | {r['model']} | {r['loss']} | {h['preset']} / {h['history']} / {n} | "
                      f"{','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}
-        for label, pub in comparisons(r["dataset"], r["model"], runs[0]["config"]["data"]["max_seq_length"]):
+        for label, pub in comparisons(r["dataset"], r["model"], n):
             lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
                          " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
             lines.append(f"| {r['dataset']} | {r['model']} (ours / {label}) | | | | " +

@@ -87,6 +87,12 @@ def find_run(cfg: dict[str, Any], runs_dir: str | Path) -> Path | None:
     return max(found)[2]
 
 
+def finished_run(cfg: dict[str, Any], runs_dir: str | Path) -> dict[str, Any] | None:
+    """The record of a finished run trained with `cfg` on the same data under `runs_dir`, or None."""
+    found = find_run(cfg, runs_dir)
+    return finished(found) if found is not None else None
+
+
 def finished(run: Path) -> dict[str, Any] | None:
     """A finished run's record: what the benchmark saved beside it (wall time, peak memory) over
     what its results.json holds; None while the run is unfinished. Without a saved wall time the
