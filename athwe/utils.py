@@ -57,6 +57,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
+def hash_file(path: str | Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+    """Stream a file's bytes into `h` (a new sha256 when None) and return it."""
+    h = hashlib.sha256() if h is None else h
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h
+
+
 def fingerprint_tokens(tokens: list[str]) -> str:
     """Stable short hash of an ordered token list (the item map: index i holds id i's token)."""
     h = hashlib.sha256()

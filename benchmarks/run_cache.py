@@ -20,6 +20,8 @@ from typing import Any, Callable
 
 import yaml
 
+from athwe.utils import hash_file
+
 #: (section, key) pairs that do not change what a run computes
 IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir")]
 BENCH_FILE = "benchmark.json"
@@ -51,9 +53,7 @@ def data_fingerprint(cfg: dict[str, Any]) -> str | None:
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for block in iter(lambda: fh.read(1 << 20), b""):
-                h.update(block)
+        hash_file(f, h)
     return h.hexdigest()[:16]
 
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from athwe.errors import FeatureError
-from athwe.utils import fingerprint_tokens
+from athwe.utils import fingerprint_tokens, hash_file
 
 FEATURES_DIR = "features"
 TEXT_FILE = "txt_emb.pt"
@@ -86,11 +86,7 @@ def features_dir(dataset_dir: str | Path) -> Path:
 
 def file_digest(path: Path) -> str:
     """sha256 of a file's bytes (streamed)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return hash_file(path).hexdigest()
 
 
 def tensor_digest(t: torch.Tensor) -> str:

@@ -10,7 +10,6 @@ fingerprint and a fingerprint of the checkpoint the vectors came from), both wri
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from dataclasses import dataclass
@@ -21,7 +20,7 @@ import numpy as np
 import torch
 
 from athwe.errors import AthweError
-from athwe.utils import atomic_path, atomic_write_json
+from athwe.utils import atomic_path, atomic_write_json, hash_file
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")
 #: up to this many items `auto` picks the exact index, above it IVF-PQ with exact re-ranking
@@ -40,11 +39,7 @@ def _faiss():
 
 
 def file_fingerprint(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    return hash_file(path).hexdigest()[:16]
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", hnsw_m: int = 32, ef_construction: int = 200,
