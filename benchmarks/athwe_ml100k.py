@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import shlex
 import statistics
 import sys
 from concurrent.futures import ProcessPoolExecutor
@@ -31,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cache import finished_run, record_of, train_or_reuse  # noqa: E402
+from run_cache import add_reuse_args, command_line, finished_run, record_of, train_or_reuse, training_command  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -113,8 +112,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     Path(out + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     h = next((r["runs"][0]["header"] for r in rows if r["runs"]), {})
     lines = [f"# {', '.join(r['variant'] for r in rows if r['runs'])} on {meta['dataset']}", "",
-             f"Command: `{meta['command']}`" + (" (this table: its finished runs, read back with --report-only)"
-                                                 if meta.get("report_only") else ""), "",
+             command_line(meta["command"], bool(meta.get("report_only"))), "",
              f"Protocol: {h.get('preset', '?')} preset, history {h.get('history', '?')}, full ranking over all items, "
              "chronological leave-one-out, one target per user, ties count items scored strictly higher, padding "
              f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). Device {meta['device']}, "
@@ -152,17 +150,10 @@ def main() -> None:
     ap.add_argument("--text-model", default="packaged-minilm", help="feature extraction text model (offline default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="train.num_threads (0 = torch default)")
-    ap.add_argument("--runs-dir", default="benchmarks/runs")
     ap.add_argument("--out", default="benchmarks/results/athwe_ml100k")
-    ap.add_argument("--fresh", action="store_true",
-                    help="train every run anew (default: reuse finished runs with the same config under "
-                         "--runs-dir and resume interrupted ones)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
-                         "are left out of the row)")
+    add_reuse_args(ap)
     args = ap.parse_args()
-    # the command that trains what the table shows (a --report-only table is read from its runs)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--report-only")
+    command = training_command()
     wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
     if unknown:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shlex
 import statistics
 import sys
 from pathlib import Path
@@ -16,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import comparisons  # noqa: E402
 
-from run_cache import finished_run, record_of, train_or_reuse  # noqa: E402
+from run_cache import add_reuse_args, command_line, finished_run, record_of, train_or_reuse, training_command  # noqa: E402
 
 from athwe.config import resolve_config  # noqa: E402
 
@@ -30,18 +29,11 @@ def main() -> None:
     ap.add_argument("--losses", default="ce")
     ap.add_argument("--seeds", default="42")
     ap.add_argument("--data-dir", default=str(Path(__file__).resolve().parents[2] / "shared" / "data"))
-    ap.add_argument("--runs-dir", default="benchmarks/runs")
     ap.add_argument("--set", action="append", default=[], help="extra config override, e.g. data.max_seq_length=200")
     ap.add_argument("--out", required=True, help="output path without extension (.md and .json are written)")
-    ap.add_argument("--fresh", action="store_true",
-                    help="train every run anew (default: reuse finished runs with the same config under "
-                         "--runs-dir and resume interrupted ones)")
-    ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
-                         "are left out)")
+    add_reuse_args(ap)
     args = ap.parse_args()
-    # the command that trains what the table shows (a --report-only table is read from its runs)
-    command = "python " + " ".join(shlex.quote(a) for a in sys.argv if a != "--report-only")
+    command = training_command()
     rows = []
     for dataset in args.datasets.split(","):
         for model in args.models.split(","):
@@ -79,8 +71,7 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     Path(out + ".json").write_text(json.dumps({"command": command, "report_only": report_only, "rows": rows}, indent=2) + "\n")
     lines = [f"# Reproduction: {', '.join(sorted({r['model'] for r in rows}))} on {', '.join(sorted({r['dataset'] for r in rows}))}", "",
-             f"Command: `{command}`" + (" (this table: its finished runs, read back with --report-only)"
-                                        if report_only else ""), "",
+             command_line(command, report_only), "",
              "Full ranking over all items, chronological leave-one-out, one target per user; "
              "ties count items scored strictly higher; padding excluded.", "",
              "| dataset | model | loss | preset / history / N | seeds | " + " | ".join(METRICS) + " | best epoch | epochs | samples/s | wall s |",

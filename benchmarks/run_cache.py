@@ -11,9 +11,12 @@ training) is taken to be on the current data.
 """
 from __future__ import annotations
 
+import argparse
 import copy
 import hashlib
 import json
+import shlex
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -157,3 +160,24 @@ def record_of(run_dir: Path, how: str, seconds: float, extra: dict[str, Any] | N
     if done is None:
         raise RuntimeError(f"{run_dir}: the run ended without results.json")
     return done
+
+
+def add_reuse_args(ap: argparse.ArgumentParser) -> None:
+    """The flags both benchmark scripts share: where runs live, --fresh and --report-only."""
+    ap.add_argument("--runs-dir", default="benchmarks/runs")
+    ap.add_argument("--fresh", action="store_true",
+                    help="train every run anew (default: reuse finished runs with the same config under "
+                         "--runs-dir and resume interrupted ones)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
+                         "are left out)")
+
+
+def training_command(argv: list[str] | None = None) -> str:
+    """The command line that trains what a table shows (a --report-only table is read from its runs)."""
+    return "python " + " ".join(shlex.quote(a) for a in (sys.argv if argv is None else argv) if a != "--report-only")
+
+
+def command_line(command: str, report_only: bool) -> str:
+    """A result table's "Command:" line."""
+    return f"Command: `{command}`" + (" (this table: its finished runs, read back with --report-only)" if report_only else "")
