@@ -90,9 +90,11 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}
-        for label, pub in comparisons(r["dataset"], r["model"], n):
+        for label, pub, comparable in comparisons(r["dataset"], r["model"], n, r["loss"]):
             lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
                          " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
+            if not comparable:
+                continue
             lines.append(f"| {r['dataset']} | {r['model']} (ours / {label}) | | | | " +
                          " | ".join(f"{100 * means[m] / pub[m]:.1f}%" if m in pub else "" for m in METRICS) +
                          " | | | | |")

@@ -150,11 +150,15 @@ def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monke
 def test_reproduction_tables_compare_at_the_same_sequence_length():
     from published import comparisons
 
-    assert [label for label, _ in comparisons("LastFM", "wearec", 50)] == ["published", "reference code here"]
-    (label, figures), = comparisons("LastFM", "wearec", 200)
+    assert [label for label, _, _ in comparisons("LastFM", "wearec", 50)] == ["published", "reference code here"]
+    (label, figures, comparable), = comparisons("LastFM", "wearec", 200)
+    assert comparable
     assert label == "published, N=200" and figures["HR@10"] == .0972 and figures["NDCG@10"] == .0556
     assert comparisons("LastFM", "wearec", 100) == [] and comparisons("LastFM", "asrec", 50) == []
-    assert [label for label, _ in comparisons("Beauty", "fearec", 50)] == ["published"]
+    assert [label for label, _, _ in comparisons("Beauty", "fearec", 50)] == ["published"]
+    # the published SASRec rows were trained with BCE: shown beside a CE run, but not as a ratio
+    assert [(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "ce")] == [("published, trained with BCE", False)]
+    assert [(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "bce")] == [("published", True)]
 
 
 def test_reproduce_report_only_tabulates_finished_runs(tmp_path, monkeypatch, capsys):
