@@ -8,7 +8,7 @@ import random
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterator, Protocol
 
 import numpy as np
 import torch
@@ -57,7 +57,15 @@ def atomic_torch_save(obj: Any, path: str | Path) -> None:
         torch.save(obj, tmp)
 
 
-def hash_file(path: str | Path, h: "hashlib._Hash | None" = None) -> "hashlib._Hash":
+class Hasher(Protocol):
+    """What `hash_file` needs of a hash object (any of hashlib's)."""
+
+    def update(self, data: bytes, /) -> None: ...
+
+    def hexdigest(self) -> str: ...
+
+
+def hash_file(path: str | Path, h: Hasher | None = None) -> Hasher:
     """Stream a file's bytes into `h` (a new sha256 when None) and return it."""
     h = hashlib.sha256() if h is None else h
     with open(path, "rb") as f:

@@ -322,6 +322,21 @@ def test_kcore_matches_reference_on_random_data(tmp_path, cache_dir, k):
 # ---------------------------------------------------------------------------- fingerprint and cache
 
 
+def test_hash_file_streams_the_whole_file(tmp_path):
+    import hashlib
+
+    from athwe.utils import hash_file
+
+    blob = os.urandom((1 << 20) + 12345)  # spans two read chunks
+    p = tmp_path / "blob.bin"
+    p.write_bytes(blob)
+    assert hash_file(p).hexdigest() == hashlib.sha256(blob).hexdigest()
+    # an existing hash object keeps accumulating (several files into one fingerprint)
+    h = hashlib.md5(b"prefix")
+    assert hash_file(p, h) is h
+    assert h.hexdigest() == hashlib.md5(b"prefix" + blob).hexdigest()
+
+
 def test_fingerprint_stable_and_sensitive(tmp_path, cache_dir):
     rows = [("a", "x", 1), ("a", "y", 2), ("b", "y", 1), ("b", "z", 3)]
     root = write_inter(tmp_path / "data", "fp", rows)
