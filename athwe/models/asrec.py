@@ -59,7 +59,7 @@ from torch import nn
 
 from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
-from athwe.models.base import SequentialRecommender, register_model
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
 from athwe.models.fearec import right_pad
 from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, attention_mask,
                                  dropout, init_weights)
@@ -68,15 +68,9 @@ KERNELS = (3, 5, 7)
 
 
 @dataclass
-class ASRecConfig:
+class ASRecConfig(EncoderConfig):
     hidden_size: int = 256
-    num_layers: int = 2
     num_heads: int = 4
-    inner_size: int = 256
-    hidden_dropout: float = 0.5
-    attn_dropout: float = 0.5
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
     fsm_mix: float = 1.0  # A: output A*FSM + (1-A)*x (ml-100k, Beauty, Sports 1.0; Yelp 0.0; ml-1m 0.4)
     es_scale: str = "reference"  # reference (ES / sqrt(next_fast_len(2N-1)), as the reference) | exact
     ahff_quantile: float = 0.8  # initial q of the adaptive high-frequency filter

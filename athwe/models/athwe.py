@@ -43,7 +43,7 @@ from torch import nn
 
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
-from athwe.models.base import SequentialRecommender, register_model
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
 from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_weights
 
 MODALITIES = ("id", "text", "image")
@@ -51,15 +51,7 @@ FEATURE_MODALITIES = ("text", "image")
 
 
 @dataclass
-class ATHWEConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    inner_size: int = 256
-    hidden_dropout: float = 0.5
-    attn_dropout: float = 0.5
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
+class ATHWEConfig(EncoderConfig):
     #: any non-empty subset of id, text, image (always used in that order)
     modalities: list[str] = field(default_factory=lambda: list(MODALITIES))
     #: initial wavelet residual weight per modality, in the order id, text, image

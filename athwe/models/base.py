@@ -22,6 +22,21 @@ from athwe.models.layers import attention_mask
 LOSSES = ("ce", "bce")
 
 
+@dataclasses.dataclass
+class EncoderConfig:
+    """The settings every model's encoder shares (each model's config extends it, and may change a
+    default: BSARec uses one head, ASRec a width of 256)."""
+
+    hidden_size: int = 64
+    num_layers: int = 2
+    num_heads: int = 2
+    inner_size: int = 256
+    hidden_dropout: float = 0.5
+    attn_dropout: float = 0.5
+    layer_norm_eps: float = 1e-12
+    initializer_range: float = 0.02
+
+
 class SequentialRecommender(nn.Module):
     """Base class: subclasses implement ``query_vectors`` and ``item_vectors``; ``extra_loss`` is optional."""
 

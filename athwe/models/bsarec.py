@@ -23,23 +23,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from athwe.errors import ConfigError
-from athwe.models.base import StackedEncoder, register_model
+from athwe.models.base import EncoderConfig, StackedEncoder, register_model
 from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, dropout,
                                  init_weights)
 
 
 @dataclass
-class BSARecConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 1  # the published settings (Beauty, LastFM) use 1 head
-    inner_size: int = 256  # 4 * hidden_size in the reference code
-    hidden_dropout: float = 0.5
-    attn_dropout: float = 0.5
+class BSARecConfig(EncoderConfig):
+    num_heads: int = 1  # the published settings (Beauty, LastFM) use 1 head; inner_size 256 = 4 * hidden as there
     alpha: float = 0.9
     c: int = 3  # keeps rfft bins 0 .. c//2
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
 
 
 def low_pass_basis(n: int, c: int) -> torch.Tensor:

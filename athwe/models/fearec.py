@@ -53,7 +53,7 @@ from torch import nn
 
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import ConfigError
-from athwe.models.base import SequentialRecommender, register_model
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
 from athwe.models.layers import Dropout, FeedForward, SequenceEmbedding, attention_mask, dropout, init_weights
 
 VARIANTS = {
@@ -65,16 +65,8 @@ PADDINGS = ("right", "left")
 
 
 @dataclass
-class FEARecConfig:
+class FEARecConfig(EncoderConfig):
     variant: str = "official"  # official | bsarec (see module docstring)
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    inner_size: int = 256
-    hidden_dropout: float = 0.5
-    attn_dropout: float = 0.5
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
     global_ratio: float = 0.6  # frequency ramp width g
     dual_domain: bool = True  # add the time-domain attention branch
     band_limit_time: bool = True  # band-limit Q,K,V of the time branch (reference `std`)

@@ -5,20 +5,13 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from athwe.models.base import StackedEncoder, register_model
+from athwe.models.base import EncoderConfig, StackedEncoder, register_model
 from athwe.models.layers import SequenceEmbedding, TransformerBlock, init_weights
 
 
 @dataclass
-class SASRecConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    inner_size: int = 256
-    hidden_dropout: float = 0.5
-    attn_dropout: float = 0.5
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
+class SASRecConfig(EncoderConfig):
+    """SASRec has only the shared encoder settings."""
 
 
 @register_model("sasrec", SASRecConfig, "SASRec: causal multi-head self-attention (ID only)")

@@ -33,21 +33,15 @@ from torch import nn
 
 from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
-from athwe.models.base import SequentialRecommender, register_model
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
 from athwe.models.layers import Dropout, FeedForward, SequenceEmbedding, init_weights
 
 
 @dataclass
-class WEARecConfig:
-    hidden_size: int = 64
-    num_layers: int = 2
-    num_heads: int = 2
-    inner_size: int = 256
-    hidden_dropout: float = 0.5
-    attn_dropout: float = 0.5  # accepted for parity with the reference command line; WEARec has no attention
+class WEARecConfig(EncoderConfig):
+    """attn_dropout is accepted for parity with the reference command line; WEARec has no attention."""
+
     alpha: float = 0.3
-    layer_norm_eps: float = 1e-12
-    initializer_range: float = 0.02
 
 
 def real_dft(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
