@@ -139,6 +139,26 @@ def test_planted_temporal_structure(demo_dir: Path) -> None:
     assert cramers_v > 0.2
 
 
+def test_gap_kinds_persist(demo_dir: Path) -> None:
+    """The kind of the previous gap predicts the next one, so a model that reads the history's
+    timestamps can tell which transition (same leaf, seasonal) is coming."""
+    users = _by_user(_interactions(demo_dir))
+
+    def kind(gap: int) -> int:
+        return 0 if gap < DAY else (1 if gap < 10 * DAY else 2)
+
+    pairs = np.zeros((3, 3))
+    for events in users.values():
+        gaps = [t1 - t0 for (t0, _), (t1, _) in zip(events, events[1:])]
+        for g0, g1 in zip(gaps, gaps[1:]):
+            pairs[kind(g0), kind(g1)] += 1
+    p_next = pairs / pairs.sum(1, keepdims=True)
+    marginal = pairs.sum(0) / pairs.sum()
+    # stickiness 0.7: P(same kind next) = 0.7 + 0.3 * P(kind), far above P(kind) alone
+    for k in range(3):
+        assert p_next[k, k] > marginal[k] + 0.25
+
+
 def test_ensure_demo(tmp_path: Path) -> None:
     folder = ensure_demo(tmp_path)
     assert folder == tmp_path / DEMO_NAME

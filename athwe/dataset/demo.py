@@ -6,7 +6,9 @@ RecBole atomic files (`demo.inter`, `demo.item`) and one 64x64 PNG per item unde
 The interaction log carries temporal structure that an ID-only order model cannot fully see:
 
 * the gap to the previous interaction is short (minutes to hours), medium (1-5 days) or long
-  (2-8 weeks);
+  (2-8 weeks); gap kinds come in runs (a kind repeats with probability 0.7, otherwise it is drawn
+  afresh), as sessions and breaks do in real logs, so the gaps seen so far tell which kind the
+  next one probably is;
 * after a short gap the next item usually (70%) shares the previous item's leaf category, and
   often (15%) comes from a sibling leaf under the same mid-level category;
 * after a long gap the user mostly (60%) follows a calendar signal: each top-level category has a
@@ -35,7 +37,7 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 DEMO_NAME = "demo"
-DEMO_VERSION = 1  # bump whenever the generator's output changes
+DEMO_VERSION = 2  # bump whenever the generator's output changes
 
 MARKER = ".demo-complete"
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
@@ -52,6 +54,7 @@ DEFAULT_USERS, DEFAULT_ITEMS = 2000, 1000
 # gap kinds: probability and range in seconds (short is log-uniform, others uniform)
 GAP_KINDS = ("short", "medium", "long")
 GAP_PROBS = np.array([0.5, 0.3, 0.2])
+GAP_STICKINESS = 0.7  # P(the next gap has the same kind as the previous one); else drawn from GAP_PROBS
 GAP_RANGES = {"short": (120.0, 4 * 3600.0), "medium": (86400.0, 5 * 86400.0), "long": (14 * 86400.0, 56 * 86400.0)}
 # per gap kind: P(same leaf), P(sibling leaf in the same mid category), P(seasonal top category)
 TRANSITIONS = {"short": (0.70, 0.15, 0.0), "medium": (0.30, 0.0, 0.30), "long": (0.05, 0.0, 0.60)}
@@ -271,7 +274,10 @@ def _season_weights(ts: float) -> np.ndarray:
 
 def _user_times(rng: np.random.Generator, length: int) -> tuple[np.ndarray, list[str]]:
     """Timestamps (int seconds) and the gap kind before each interaction after the first."""
-    kinds = [GAP_KINDS[_draw(rng, GAP_PROBS)] for _ in range(length - 1)]
+    kinds: list[str] = []
+    for _ in range(length - 1):  # a Markov chain whose stationary distribution is GAP_PROBS
+        stay = bool(kinds) and rng.random() < GAP_STICKINESS
+        kinds.append(kinds[-1] if stay else GAP_KINDS[_draw(rng, GAP_PROBS)])
     gaps = []
     for kind in kinds:
         lo, hi = GAP_RANGES[kind]
