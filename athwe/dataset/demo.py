@@ -3,17 +3,21 @@
 `ensure_demo(data_dir)` returns `data_dir/"demo"`, generating it on first use. The folder holds
 RecBole atomic files (`demo.inter`, `demo.item`) and one 64x64 PNG per item under `images/`.
 
-The interaction log carries temporal structure that an ID-only order model cannot fully see:
+The interaction log carries temporal structure that an ID-only order model cannot see:
 
 * the gap to the previous interaction is short (minutes to hours), medium (1-5 days) or long
-  (2-8 weeks); gap kinds come in runs (a kind repeats with probability 0.7, otherwise it is drawn
-  afresh), as sessions and breaks do in real logs, so the gaps seen so far tell which kind the
-  next one probably is;
-* after a short gap the next item usually (70%) shares the previous item's leaf category, and
-  often (15%) comes from a sibling leaf under the same mid-level category;
-* after a long gap the user mostly (60%) follows a calendar signal: each top-level category has a
-  "season" (a peak in the year), and the previous leaf is rarely continued;
-* medium gaps sit in between.
+  (2-8 weeks), drawn independently per interaction;
+* a user's pace carries over: what follows an interaction depends on the gap that led *to* it.
+  After an interaction that came a short gap after the one before (a browsing session), the next
+  item usually (70%) shares its leaf category and often (15%) comes from a sibling leaf under the
+  same mid-level category; after one that ended a long break, the next item mostly (60%) follows
+  a calendar signal (each top-level category has a "season", a peak in the year) and the leaf is
+  rarely continued; medium gaps sit in between.
+
+So the gap before the last item of a history tells which kind of transition comes next, while
+the items alone do not (gap kinds are independent, so earlier transitions say nothing about the
+current one): the signal is in the timestamps a model reads, not in the unseen gap before the
+item it predicts.
 
 Item images encode the category path (background colour = top level, shape = mid level,
 pattern and shade = leaf) with small per-item variation.
@@ -37,7 +41,7 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 DEMO_NAME = "demo"
-DEMO_VERSION = 2  # bump whenever the generator's output changes
+DEMO_VERSION = 3  # bump whenever the generator's output changes
 
 MARKER = ".demo-complete"
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
@@ -54,9 +58,9 @@ DEFAULT_USERS, DEFAULT_ITEMS = 2000, 1000
 # gap kinds: probability and range in seconds (short is log-uniform, others uniform)
 GAP_KINDS = ("short", "medium", "long")
 GAP_PROBS = np.array([0.5, 0.3, 0.2])
-GAP_STICKINESS = 0.7  # P(the next gap has the same kind as the previous one); else drawn from GAP_PROBS
 GAP_RANGES = {"short": (120.0, 4 * 3600.0), "medium": (86400.0, 5 * 86400.0), "long": (14 * 86400.0, 56 * 86400.0)}
-# per gap kind: P(same leaf), P(sibling leaf in the same mid category), P(seasonal top category)
+# per kind of the gap that led to the previous interaction: P(same leaf), P(sibling leaf in the
+# same mid category), P(seasonal top category) for the next one
 TRANSITIONS = {"short": (0.70, 0.15, 0.0), "medium": (0.30, 0.0, 0.30), "long": (0.05, 0.0, 0.60)}
 SEASON_SHARPNESS = 2.5
 
@@ -274,10 +278,7 @@ def _season_weights(ts: float) -> np.ndarray:
 
 def _user_times(rng: np.random.Generator, length: int) -> tuple[np.ndarray, list[str]]:
     """Timestamps (int seconds) and the gap kind before each interaction after the first."""
-    kinds: list[str] = []
-    for _ in range(length - 1):  # a Markov chain whose stationary distribution is GAP_PROBS
-        stay = bool(kinds) and rng.random() < GAP_STICKINESS
-        kinds.append(kinds[-1] if stay else GAP_KINDS[_draw(rng, GAP_PROBS)])
+    kinds = [GAP_KINDS[_draw(rng, GAP_PROBS)] for _ in range(length - 1)]
     gaps = []
     for kind in kinds:
         lo, hi = GAP_RANGES[kind]
@@ -314,8 +315,10 @@ def _make_interactions(rng: np.random.Generator, cat: _Catalogue, n_users: int) 
         for j, ts in enumerate(times):
             ts = int(ts)
             weights = base
-            if j > 0:
-                p_same, p_sib, p_season = TRANSITIONS[kinds[j - 1]]
+            # the transition into item j follows the gap that led to item j-1 (its "pace")
+            mode = kinds[j - 2] if j > 1 else None
+            if mode is not None:
+                p_same, p_sib, p_season = TRANSITIONS[mode]
                 u = rng.random()
                 if u < p_same:
                     weights = np.eye(1, n_leaves, prev)[0]
@@ -327,7 +330,7 @@ def _make_interactions(rng: np.random.Generator, cat: _Catalogue, n_users: int) 
                     own = pref * mask
                     glob = cat.leaf_prior * mask
                     weights = 0.5 * glob / glob.sum() + (0.5 * own / own.sum() if own.sum() > 0 else 0.5 * glob / glob.sum())
-                elif kinds[j - 1] == "long":
+                elif mode == "long":
                     weights = base.copy()
                     weights[prev] = 0.0  # after a long break the old leaf is rarely continued
             item = -1
