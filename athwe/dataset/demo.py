@@ -10,12 +10,14 @@ The interaction log carries temporal structure that an ID-only order model canno
 * a user's pace carries over: what follows an interaction depends on the gap that led *to* it.
   After an interaction that came a short gap after the one before (a browsing session), the next
   item usually (70%) shares its leaf category and often (15%) comes from a sibling leaf under the
-  same mid-level category; after one that ended a long break, the next item mostly (60%) follows
-  a calendar signal (each top-level category has a "season", a peak in the year) and the leaf is
-  rarely continued; medium gaps sit in between.
+  same mid-level category; after one that ended a long break, the next item often (45%) comes
+  from the leaf's fixed "companion" leaf in another top-level category (headphones -> running
+  shoes, say), or (35%) follows a calendar signal (each top-level category has a "season", a
+  peak in the year), and the leaf is rarely continued; medium gaps sit in between.
 
-So the gap before the last item of a history tells which kind of transition comes next, while
-the items alone do not (gap kinds are independent, so earlier transitions say nothing about the
+So the gap before the last item of a history tells which kind of transition comes next, and
+with it which items belong at the top of the ranking (the last item's own leaf or its companion
+leaf), while the items alone do not (gap kinds are independent, so earlier transitions say nothing about the
 current one): the signal is in the timestamps a model reads, not in the unseen gap before the
 item it predicts.
 
@@ -41,7 +43,7 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 DEMO_NAME = "demo"
-DEMO_VERSION = 3  # bump whenever the generator's output changes
+DEMO_VERSION = 4  # bump whenever the generator's output changes
 
 MARKER = ".demo-complete"
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
@@ -60,8 +62,8 @@ GAP_KINDS = ("short", "medium", "long")
 GAP_PROBS = np.array([0.5, 0.3, 0.2])
 GAP_RANGES = {"short": (120.0, 4 * 3600.0), "medium": (86400.0, 5 * 86400.0), "long": (14 * 86400.0, 56 * 86400.0)}
 # per kind of the gap that led to the previous interaction: P(same leaf), P(sibling leaf in the
-# same mid category), P(seasonal top category) for the next one
-TRANSITIONS = {"short": (0.70, 0.15, 0.0), "medium": (0.30, 0.0, 0.30), "long": (0.05, 0.0, 0.60)}
+# same mid category), P(companion leaf), P(seasonal top category) for the next one
+TRANSITIONS = {"short": (0.70, 0.15, 0.0, 0.0), "medium": (0.30, 0.0, 0.0, 0.30), "long": (0.05, 0.0, 0.45, 0.35)}
 SEASON_SHARPNESS = 2.5
 
 # top -> (season peak as a fraction of the year, {mid: {leaf: (singular noun, variants)}})
@@ -292,6 +294,18 @@ def _user_times(rng: np.random.Generator, length: int) -> tuple[np.ndarray, list
     return start + offsets, kinds
 
 
+def companion_leaves() -> np.ndarray:
+    """(n_leaves,) leaf index: each leaf's companion, a leaf of the next top-level category (fixed by
+    the taxonomy, no randomness): where users go after a long break."""
+    tops = np.array([lf.top_idx for lf in LEAVES])
+    n_tops = int(tops.max()) + 1
+    out = np.empty(len(LEAVES), dtype=np.int64)
+    for i, t in enumerate(tops):
+        targets = np.flatnonzero(tops == (t + 1) % n_tops)
+        out[i] = targets[i % len(targets)]
+    return out
+
+
 def _make_interactions(rng: np.random.Generator, cat: _Catalogue, n_users: int) -> list[list[tuple[int, int]]]:
     """Per user, a chronological list of (timestamp, item)."""
     n_leaves = len(LEAVES)
@@ -299,6 +313,7 @@ def _make_interactions(rng: np.random.Generator, cat: _Catalogue, n_users: int) 
     leaf_mid = np.array([lf.mid_key for lf in LEAVES])
     top_masks = [leaf_top == t for t in range(len(TAXONOMY))]
     sibling_masks = [(leaf_mid == leaf_mid[i]) & (np.arange(n_leaves) != i) for i in range(n_leaves)]
+    companions = companion_leaves()
     users: list[list[tuple[int, int]]] = []
     for _ in range(n_users):
         length = int(min(MAX_LEN, MIN_LEN + np.floor(rng.lognormal(np.log(13.0), 0.85))))
@@ -318,13 +333,15 @@ def _make_interactions(rng: np.random.Generator, cat: _Catalogue, n_users: int) 
             # the transition into item j follows the gap that led to item j-1 (its "pace")
             mode = kinds[j - 2] if j > 1 else None
             if mode is not None:
-                p_same, p_sib, p_season = TRANSITIONS[mode]
+                p_same, p_sib, p_comp, p_season = TRANSITIONS[mode]
                 u = rng.random()
                 if u < p_same:
                     weights = np.eye(1, n_leaves, prev)[0]
                 elif u < p_same + p_sib and sibling_masks[prev].any():
                     weights = base * sibling_masks[prev] + 1e-3 * sibling_masks[prev]
-                elif u < p_same + p_sib + p_season:
+                elif u < p_same + p_sib + p_comp:
+                    weights = np.eye(1, n_leaves, companions[prev])[0]
+                elif u < p_same + p_sib + p_comp + p_season:
                     top = _draw(rng, _season_weights(ts))
                     mask = top_masks[top]
                     own = pref * mask
