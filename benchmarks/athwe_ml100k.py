@@ -161,6 +161,7 @@ def main() -> None:
     seeds = [int(s) for s in args.seeds.split(",")]
 
     from athwe.config import resolve_config
+    from athwe.dataset.demo import DEMO_NAME, DEMO_VERSION, demo_is_current
     from athwe.utils import resolve_device
 
     args.data_dir = writable_data_dir(args.dataset, args.data_dir, Path(args.runs_dir) / "data")
@@ -168,6 +169,10 @@ def main() -> None:
                                flags={"data.data_dir": args.data_dir})
     if not args.report_only and any(VARIANTS[[v[0] for v in VARIANTS].index(w)][1] == "athwe" for w in wanted):
         ensure_features(args.dataset, args.data_dir, athwe_cfg.data.kcore, args.text_model, args.device)
+    if args.report_only and args.dataset == DEMO_NAME and not demo_is_current(args.data_dir):
+        print(f"warning: {Path(args.data_dir) / DEMO_NAME} was made by another version of the demo generator "
+              f"(this one is v{DEMO_VERSION}); only runs trained on that older data are tabulated "
+              "(run without --report-only, or `athwe extract`, to bring it up to date)", file=sys.stderr, flush=True)
     import torch
 
     meta = {"command": command, "dataset": args.dataset, "seeds": seeds, "device": str(resolve_device(args.device)),

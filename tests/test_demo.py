@@ -182,9 +182,12 @@ def test_ensure_demo(tmp_path: Path) -> None:
 
     data = json.loads(marker.read_text())
     inter_bytes = (folder / f"{DEMO_NAME}.inter").read_bytes()
+    assert demo.demo_is_current(tmp_path)
     marker.write_text(json.dumps({**data, "version": DEMO_VERSION + 1}))
+    assert not demo.demo_is_current(tmp_path)  # made by another generator version
     (folder / "stale.txt").write_text("from the old folder")
     assert ensure_demo(tmp_path) == folder
+    assert demo.demo_is_current(tmp_path)
     assert json.loads(marker.read_text())["version"] == DEMO_VERSION
     assert not (folder / "stale.txt").exists()
     assert (folder / f"{DEMO_NAME}.inter").read_bytes() == inter_bytes

@@ -581,6 +581,11 @@ def _clean_stale_temps(parent: Path, max_age_s: float = 3600.0) -> None:
                 pass
 
 
+def demo_is_current(data_dir: str | Path, *, seed: int = 0) -> bool:
+    """True when `data_dir/"demo"` holds the demo this generator version makes (ensure_demo would keep it)."""
+    return _marker_matches(Path(data_dir) / DEMO_NAME, seed, DEFAULT_USERS, DEFAULT_ITEMS)
+
+
 def ensure_demo(data_dir: str | Path, *, seed: int = 0) -> Path:
     """Return `data_dir/"demo"`, generating it if missing or if its marker is for another version/seed."""
     data_dir = Path(data_dir)
