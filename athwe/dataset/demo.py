@@ -17,9 +17,9 @@ The interaction log carries temporal structure that an ID-only order model canno
 
 So the gap before the last item of a history tells which kind of transition comes next, and
 with it which items belong at the top of the ranking (the last item's own leaf or its companion
-leaf), while the items alone do not (gap kinds are independent, so earlier transitions say nothing about the
-current one): the signal is in the timestamps a model reads, not in the unseen gap before the
-item it predicts.
+leaf), while the items alone do not (gap kinds are independent, so earlier transitions say
+nothing about the current one): the signal is in the timestamps a model reads, not in the unseen
+gap before the item it predicts.
 
 Item images encode the category path (background colour = top level, shape = mid level,
 pattern and shade = leaf) with small per-item variation.
@@ -590,7 +590,7 @@ def ensure_demo(data_dir: str | Path, *, seed: int = 0) -> Path:
     """Return `data_dir/"demo"`, generating it if missing or if its marker is for another version/seed."""
     data_dir = Path(data_dir)
     folder = data_dir / DEMO_NAME
-    if _marker_matches(folder, seed, DEFAULT_USERS, DEFAULT_ITEMS):
+    if demo_is_current(data_dir, seed=seed):
         return folder
     if data_dir.is_dir():
         _clean_stale_temps(data_dir)
