@@ -154,6 +154,11 @@ def test_items_alone_do_not_tell_the_next_transition(demo_dir: Path) -> None:
     assert count.min() > 5000 and abs(p[1] - p[0]) < 0.05
 
 
+def gap_kind(gap: float) -> int:
+    """0 short (under a day), 1 medium (under ten days), 2 long: the demo's gap kinds, read back."""
+    return 0 if gap < DAY else (1 if gap < 10 * DAY else 2)
+
+
 def test_history_gaps_predict_the_next_transition(demo_dir: Path) -> None:
     """What a model sees: the gap before the *last history item* (not the unseen gap before the
     target) changes how often the next item continues the last item's leaf category."""
@@ -161,8 +166,7 @@ def test_history_gaps_predict_the_next_transition(demo_dir: Path) -> None:
     same, count = np.zeros(3), np.zeros(3)
     for events in _by_user(_interactions(demo_dir)).values():
         for (t0, _), (t1, a), (_, b) in zip(events, events[1:], events[2:]):
-            gap = t1 - t0
-            k = 0 if gap < DAY else (1 if gap < 10 * DAY else 2)
+            k = gap_kind(t1 - t0)
             same[k] += leaf[a] == leaf[b]
             count[k] += 1
     p = same / count
@@ -248,8 +252,7 @@ def test_long_breaks_lead_to_the_companion_leaf(demo_dir: Path) -> None:
     hits, count = np.zeros(3), np.zeros(3)
     for events in _by_user(_interactions(demo_dir)).values():
         for (t0, _), (t1, a), (_, b) in zip(events, events[1:], events[2:]):
-            gap = t1 - t0
-            k = 0 if gap < DAY else (1 if gap < 10 * DAY else 2)
+            k = gap_kind(t1 - t0)
             hits[k] += leaf[b] == companion[leaf[a]]
             count[k] += 1
     p = hits / count
@@ -269,9 +272,6 @@ def test_the_last_gap_changes_what_belongs_at_the_top(demo_dir: Path) -> None:
     n = len(leaves)
     no_time, with_gap, pop = np.ones((n, n)), np.ones((3, n, n)), np.ones(len(items))
 
-    def kind(gap: int) -> int:
-        return 0 if gap < DAY else (1 if gap < 10 * DAY else 2)
-
     users = [sorted(ev) for ev in _by_user(_interactions(demo_dir)).values()]
     for ev in users:
         train = ev[:-2]  # valid and test items held out
@@ -280,13 +280,13 @@ def test_the_last_gap_changes_what_belongs_at_the_top(demo_dir: Path) -> None:
         for (t0, _), (t1, a), (_, b) in zip(train, train[1:], train[2:]):
             la, lb = leaves.index(leaf[a]), leaves.index(leaf[b])
             no_time[la, lb] += 1
-            with_gap[kind(t1 - t0), la, lb] += 1
+            with_gap[gap_kind(t1 - t0), la, lb] += 1
     in_leaf = pop / np.bincount(item_leaf, weights=pop, minlength=n)[item_leaf]
     ndcg = np.zeros(2)
     for ev in users:
         (t0, _), (t1, a), (_, target) = ev[-3:]
         la = leaves.index(leaf[a])
-        for j, row in enumerate((no_time[la], with_gap[kind(t1 - t0), la])):
+        for j, row in enumerate((no_time[la], with_gap[gap_kind(t1 - t0), la])):
             scores = row[item_leaf] / row.sum() * in_leaf
             rank = int((scores > scores[items.index(target)]).sum())
             ndcg[j] += 1 / np.log2(rank + 2) if rank < 10 else 0.0
