@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from published import comparisons  # noqa: E402
+from published import ROW_NOTES, comparisons  # noqa: E402
 
 from run_cache import add_reuse_args, command_line, finished_run, record_of, train_or_reuse, training_command  # noqa: E402
 
@@ -76,6 +76,7 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
              "ties count items scored strictly higher; padding excluded.", "",
              "| dataset | model | loss | preset / history / N | seeds | " + " | ".join(METRICS) + " | best epoch | epochs | samples/s | wall s |",
              "|---" * (9 + len(METRICS)) + "|"]
+    notes: set[str] = set()
     for r in rows:
         runs = r["runs"]
         h = runs[0]["header"]
@@ -90,7 +91,8 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}
-        for label, pub, comparable in comparisons(r["dataset"], r["model"], n, r["loss"]):
+        for label, pub, comparable in comparisons(r["dataset"], r["model"], n, r["loss"], runs[0]["config"].get("model_args")):
+            notes.update(k for k in ROW_NOTES if label.startswith(k))
             lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
                          " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
             if not comparable:
@@ -98,6 +100,9 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
             lines.append(f"| {r['dataset']} | {r['model']} (ours / {label}) | | | | " +
                          " | ".join(f"{100 * means[m] / pub[m]:.1f}%" if m in pub else "" for m in METRICS) +
                          " | | | | |")
+    for k in ROW_NOTES:
+        if k in notes:
+            lines += ["", ROW_NOTES[k]]
     lines += ["", "Per-seed values, run folders and resolved configs are in the .json beside this file. "
               "Runs are reused when a finished run with the same config is found under the runs folder, "
               "and interrupted ones resumed (wall s marked * is training seconds: the run was resumed or "

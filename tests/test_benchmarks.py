@@ -151,9 +151,15 @@ def test_reproduction_tables_compare_at_the_same_sequence_length():
     from published import comparisons
 
     assert [label for label, _, _ in comparisons("LastFM", "wearec", 50)] == ["published", "reference code here"]
-    (label, figures, comparable), = comparisons("LastFM", "wearec", 200)
-    assert comparable
-    assert label == "published, N=200" and figures["HR@10"] == .0972 and figures["NDCG@10"] == .0556
+    # N=200: each row records the settings it was obtained with; only the row whose settings the run
+    # shares is comparable (a ratio is taken)
+    at_01 = comparisons("LastFM", "wearec", 200, "ce", {"alpha": 0.1, "num_heads": 2, "hidden_size": 64})
+    assert [(label, ok) for label, _, ok in at_01] == [("published, N=200; alpha 0.1, num_heads 2", True),
+                                                       ("reference log, N=200; alpha 0.3, num_heads 2", False)]
+    assert at_01[0][1]["HR@10"] == .0972 and at_01[0][1]["NDCG@10"] == .0556
+    at_03 = comparisons("LastFM", "wearec", 200, "ce", {"alpha": 0.3, "num_heads": 2})
+    assert [ok for _, _, ok in at_03] == [False, True] and at_03[1][1]["HR@10"] == .0954
+    assert [ok for _, _, ok in comparisons("LastFM", "wearec", 200, "ce", {"alpha": 0.3, "num_heads": 4})] == [False, False]
     assert comparisons("LastFM", "wearec", 100) == [] and comparisons("LastFM", "asrec", 50) == []
     assert [label for label, _, _ in comparisons("Beauty", "fearec", 50)] == ["published"]
     # the published SASRec rows were trained with BCE: shown beside a CE run, but not as a ratio
@@ -181,7 +187,11 @@ def test_reproduce_report_only_tabulates_finished_runs(tmp_path, monkeypatch, ca
     reproduce.main()
     md = (tmp_path / "table.md").read_text()
     assert "| LastFM | wearec | ce | bsarec / zero / 200 | 1,2 | 0.1500 ± 0.0707 |" in md
-    assert "| LastFM | wearec (published, N=200) | | | | 0.0661 | 0.0972 |" in md and "(reference code here)" not in md
+    assert "| LastFM | wearec (published, N=200; alpha 0.1, num_heads 2) | | | | 0.0661 | 0.0972 |" in md
+    assert "(reference code here)" not in md
+    # the runs use the LastFM setting alpha 0.3: the ratio is taken against the log row at that setting only
+    assert "| LastFM | wearec (ours / reference log, N=200; alpha 0.3, num_heads 2) | | | | 220.9% |" in md
+    assert "(ours / published, N=200" not in md
     assert "--report-only" not in md.splitlines()[2].split("`")[1]
     assert "seed 3: no finished run, left out" in capsys.readouterr().out
     assert sorted(p.name for p in runs.iterdir()) == ["wearec-1", "wearec-2"]
