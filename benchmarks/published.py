@@ -4,11 +4,12 @@ keyed by (dataset, model); each table holds figures for one sequence length N.""
 # WEARec paper Table 1 (BSARec code base, bsarec preset, N=50); @5 rows from the BSARec paper / WEARec logs.
 PUBLISHED = {
     ("LastFM", "sasrec"): {"HR@10": .0633, "HR@20": .0927, "NDCG@10": .0355, "NDCG@20": .0429},
-    ("LastFM", "fearec"): {"HR@10": .0587, "HR@20": .0826, "NDCG@10": .0354, "NDCG@20": .0414},
+    # the FEARec rows come from the BSARec code's FEARec port (model_args.variant=bsarec)
+    ("LastFM", "fearec"): [({"variant": "bsarec"}, {"HR@10": .0587, "HR@20": .0826, "NDCG@10": .0354, "NDCG@20": .0414})],
     ("LastFM", "bsarec"): {"HR@5": .0523, "HR@10": .0807, "HR@20": .1174, "NDCG@5": .0344, "NDCG@10": .0435, "NDCG@20": .0526},
     ("LastFM", "wearec"): {"HR@5": .0505, "HR@10": .0899, "HR@20": .1202, "NDCG@5": .0341, "NDCG@10": .0465, "NDCG@20": .0543},
     ("Beauty", "sasrec"): {"HR@10": .0531, "HR@20": .0823, "NDCG@10": .0283, "NDCG@20": .0356},
-    ("Beauty", "fearec"): {"HR@10": .0982, "HR@20": .1352, "NDCG@10": .0601, "NDCG@20": .0694},
+    ("Beauty", "fearec"): [({"variant": "bsarec"}, {"HR@10": .0982, "HR@20": .1352, "NDCG@10": .0601, "NDCG@20": .0694})],
     ("Beauty", "bsarec"): {"HR@5": .0736, "HR@10": .1008, "HR@20": .1373, "NDCG@5": .0523, "NDCG@10": .0611, "NDCG@20": .0703},
     ("Beauty", "wearec"): {"HR@5": .0738, "HR@10": .1041, "HR@20": .1391, "NDCG@5": .0516, "NDCG@10": .0614, "NDCG@20": .0703},
 }

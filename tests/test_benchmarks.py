@@ -161,7 +161,10 @@ def test_reproduction_tables_compare_at_the_same_sequence_length():
     assert [ok for _, _, ok in at_03] == [False, True] and at_03[1][1]["HR@10"] == .0954
     assert [ok for _, _, ok in comparisons("LastFM", "wearec", 200, "ce", {"alpha": 0.3, "num_heads": 4})] == [False, False]
     assert comparisons("LastFM", "wearec", 100) == [] and comparisons("LastFM", "asrec", 50) == []
-    assert [label for label, _, _ in comparisons("Beauty", "fearec", 50)] == ["published"]
+    # the published FEARec rows are the BSARec code's port: the official variant is shown beside them, not compared
+    assert [(label, ok) for label, _, ok in comparisons("Beauty", "fearec", 50, "ce", {"variant": "official"})] == [
+        ("published; variant bsarec", False)]
+    assert [ok for _, _, ok in comparisons("Beauty", "fearec", 50, "ce", {"variant": "bsarec"})] == [True]
     # the published SASRec rows were trained with BCE: shown beside a CE run, but not as a ratio
     assert [(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "ce")] == [("published, trained with BCE", False)]
     assert [(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "bce")] == [("published", True)]
