@@ -85,7 +85,9 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
             vals = [x["test"][m] for x in runs]
             cells.append(f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
         n = runs[0]["config"]["data"]["max_seq_length"]
-        lines.append(f"| {r['dataset']} | {r['model']} | {r['loss']} | {h['preset']} / {h['history']} / {n} | "
+        variant = (runs[0]["config"].get("model_args") or {}).get("variant")
+        name = f"{r['model']} ({variant} variant)" if variant else r["model"]
+        lines.append(f"| {r['dataset']} | {name} | {r['loss']} | {h['preset']} / {h['history']} / {n} | "
                      f"{','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"

@@ -201,3 +201,32 @@ def test_reproduce_report_only_tabulates_finished_runs(tmp_path, monkeypatch, ca
     monkeypatch.setattr(sys, "argv", [a if a != "1,2,3" else "3" for a in argv])
     with pytest.raises(SystemExit, match="no finished runs"):
         reproduce.main()
+
+
+def test_reproduce_table_names_the_variant_and_compares_only_the_published_one(tmp_path, monkeypatch):
+    """A FEARec row says which variant it trained; the published (BSARec-port) row gets a ratio only
+    against a run of that variant."""
+    import reproduce
+
+    runs = tmp_path / "runs"
+    for variant in ("official", "bsarec"):
+        cfg = resolve_config("fearec", "LastFM", overrides=[f"model_args.variant={variant}"], flags={"train.seed": 1}).to_dict()
+        _run(runs, f"fearec-{variant}", cfg, True, 0)
+        rec = json.loads((runs / f"fearec-{variant}" / "results.json").read_text())
+        rec["test"] = {m: 0.0354 for m in reproduce.METRICS}
+        rec["header"] = {"preset": "bsarec", "history": "zero"}
+        (runs / f"fearec-{variant}" / "results.json").write_text(json.dumps(rec))
+    tables = {}
+    for variant in ("official", "bsarec"):
+        out = tmp_path / variant
+        monkeypatch.setattr(sys, "argv", ["reproduce.py", "--models", "fearec", "--datasets", "LastFM", "--seeds", "1",
+                                          "--runs-dir", str(runs), "--set", f"model_args.variant={variant}",
+                                          "--report-only", "--out", str(out)])
+        reproduce.main()
+        tables[variant] = (tmp_path / f"{variant}.md").read_text()
+    assert "| LastFM | fearec (official variant) | ce |" in tables["official"]
+    assert "| LastFM | fearec (bsarec variant) | ce |" in tables["bsarec"]
+    for md in tables.values():
+        assert "| LastFM | fearec (published; variant bsarec) | | | |  | 0.0587 |" in md
+    assert "(ours / published" not in tables["official"]
+    assert "| LastFM | fearec (ours / published; variant bsarec) | | | |  | 60.3% |" in tables["bsarec"]
