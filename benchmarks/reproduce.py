@@ -85,7 +85,8 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
             vals = [x["test"][m] for x in runs]
             cells.append(f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
         n = runs[0]["config"]["data"]["max_seq_length"]
-        variant = (runs[0]["config"].get("model_args") or {}).get("variant")
+        model_args = runs[0]["config"].get("model_args") or {}
+        variant = model_args.get("variant")
         name = f"{r['model']} ({variant} variant)" if variant else r["model"]
         lines.append(f"| {r['dataset']} | {name} | {r['loss']} | {h['preset']} / {h['history']} / {n} | "
                      f"{','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
@@ -93,7 +94,7 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}
-        for label, pub, comparable in comparisons(r["dataset"], r["model"], n, r["loss"], runs[0]["config"].get("model_args")):
+        for label, pub, comparable in comparisons(r["dataset"], r["model"], n, r["loss"], model_args):
             notes.update(k for k in ROW_NOTES if label.startswith(k))
             lines.append(f"| {r['dataset']} | {r['model']} ({label}) | | | | " +
                          " | ".join(f"{pub[m]:.4f}" if m in pub else "" for m in METRICS) + " | | | | |")
