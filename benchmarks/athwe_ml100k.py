@@ -13,7 +13,11 @@ Full run (hours on a CPU):
     python benchmarks/athwe_ml100k.py
 Smoke test on a small dataset, one epoch:
     python benchmarks/athwe_ml100k.py --dataset ml-tiny --data-dir /tmp/ml-tiny --epochs 1 \
-        --seeds 1,2 --set data.preset=recbole --set data.kcore=5 --out /tmp/athwe_tiny
+        --seeds 1,2 --set data.preset=recbole --set data.kcore=5 \
+        --athwe-set 'model_args.modalities=[id,text]' --out /tmp/athwe_tiny
+(a dataset without a section in configs/athwe.yaml gets the reference modalities id, text and
+image; a dataset without images needs the --athwe-set). Each run prints its trainer's line per
+epoch, prefixed with its variant and seed (--quiet: none).
 """
 from __future__ import annotations
 
@@ -30,7 +34,8 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cache import add_reuse_args, command_line, finished_run, record_of, train_or_reuse, training_command  # noqa: E402
+from run_cache import (add_reuse_args, command_line, epoch_printer, finished_run, record_of, train_or_reuse,
+                       training_command)  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -78,9 +83,11 @@ def writable_data_dir(dataset: str, data_dir: str, work_dir: Path) -> str:
     return str(work_dir)
 
 
-def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any], fresh: bool) -> dict[str, Any]:
+def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any], fresh: bool,
+            label: str = "", quiet: bool = True) -> dict[str, Any]:
     """Train one (variant, seed) in this (child) process, or resume its interrupted run folder;
-    returns its record with peak memory (of this process: for a resumed run, of the last part)."""
+    returns its record with peak memory (of this process: for a resumed run, of the last part).
+    Unless `quiet`, the trainer's lines are printed prefixed with `label`."""
     import torch
 
     from athwe.config import resolve_config
@@ -88,7 +95,8 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
-    run_dir, how, seconds = train_or_reuse(cfg, fresh, log=lambda s: None)
+    say = epoch_printer(label, quiet)
+    run_dir, how, seconds = train_or_reuse(cfg, fresh, log=say, printer=say)
     extra = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         extra["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
@@ -198,7 +206,8 @@ def main() -> None:
             else:
                 # one fresh process per run: its peak RSS is this run's alone
                 with ProcessPoolExecutor(max_workers=1, mp_context=get_context("spawn")) as pool:
-                    res = pool.submit(run_one, model, args.dataset, overrides, flags, args.fresh).result()
+                    res = pool.submit(run_one, model, args.dataset, overrides, flags, args.fresh,
+                                      f"{label} seed {seed}", args.quiet).result()
             res["seed"] = seed
             row["runs"].append(res)
             print(json.dumps({"variant": label, "seed": seed, "NDCG@10": round(res["test"]["NDCG@10"], 4),
@@ -209,4 +218,10 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    from athwe.errors import AthweError
+
+    try:
+        main()
+    except AthweError as e:  # bad data or config: one line, no traceback (exit code 2)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

@@ -15,7 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import ROW_NOTES, comparisons  # noqa: E402
 
-from run_cache import add_reuse_args, command_line, finished_run, record_of, train_or_reuse, training_command  # noqa: E402
+from run_cache import (add_reuse_args, command_line, epoch_printer, finished_run, record_of, train_or_reuse,
+                       training_command)  # noqa: E402
 
 from athwe.config import resolve_config  # noqa: E402
 
@@ -48,7 +49,7 @@ def main() -> None:
                             print(f"{model} {dataset} {loss} seed {seed}: no finished run, left out", flush=True)
                             continue
                     else:
-                        done = run_or_reuse(cfg, args.fresh)
+                        done = run_or_reuse(cfg, args.fresh, epoch_printer(f"{model} {dataset} {loss} seed {seed}", args.quiet))
                     runs.append({"seed": seed, **done})
                     print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
                     # rewrite the tables after every run, so an interrupted benchmark keeps what finished
@@ -60,10 +61,11 @@ def main() -> None:
         raise SystemExit(f"error: no finished runs under {args.runs_dir}; nothing written to {args.out}.md")
 
 
-def run_or_reuse(cfg, fresh: bool) -> dict:
+def run_or_reuse(cfg, fresh: bool, printer=lambda s: None) -> dict:
     """Train `cfg`, or reuse a finished run with the same config and data, or resume an interrupted
-    one (its wall time is then unknown: the table shows its training seconds, marked *)."""
-    run_dir, how, seconds = train_or_reuse(cfg, fresh, log=lambda s: print(s, flush=True))
+    one (its wall time is then unknown: the table shows its training seconds, marked *). The
+    trainer's lines go to `printer`."""
+    run_dir, how, seconds = train_or_reuse(cfg, fresh, log=lambda s: print(s, flush=True), printer=printer)
     return record_of(run_dir, how, seconds)
 
 
@@ -114,4 +116,10 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
 
 
 if __name__ == "__main__":
-    main()
+    from athwe.errors import AthweError
+
+    try:
+        main()
+    except AthweError as e:  # bad data or config: one line, no traceback (exit code 2)
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

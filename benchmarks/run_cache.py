@@ -163,7 +163,7 @@ def record_of(run_dir: Path, how: str, seconds: float, extra: dict[str, Any] | N
 
 
 def add_reuse_args(ap: argparse.ArgumentParser) -> None:
-    """The flags both benchmark scripts share: where runs live, --fresh and --report-only."""
+    """The flags both benchmark scripts share: where runs live, --fresh, --report-only and --quiet."""
     ap.add_argument("--runs-dir", default="benchmarks/runs")
     ap.add_argument("--fresh", action="store_true",
                     help="train every run anew (default: reuse finished runs with the same config under "
@@ -171,6 +171,16 @@ def add_reuse_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
                          "are left out)")
+    ap.add_argument("--quiet", action="store_true",
+                    help="do not print the trainer's line per epoch (loss, validation metric, seconds)")
+
+
+def epoch_printer(label: str, quiet: bool) -> Callable[[str], None]:
+    """Where a benchmark sends the trainer's lines: stdout, each prefixed with `label` and flushed
+    (so a long run in the background shows its progress in its log), or nowhere with `quiet`."""
+    if quiet:
+        return lambda s: None
+    return lambda s: print("\n".join(f"[{label}] {line}" for line in s.splitlines()), flush=True)
 
 
 def training_command(argv: list[str] | None = None) -> str:

@@ -129,8 +129,10 @@ def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monke
             "train.batch_size": 32, "train.epochs": 3, "train.seed": seed})
 
     heard: list[str] = []
-    run, how, secs = train_or_reuse(cfg(1), log=heard.append)
+    lines: list[str] = []
+    run, how, secs = train_or_reuse(cfg(1), log=heard.append, printer=lines.append)
     assert how == "trained" and secs > 0 and not heard
+    assert sum(line.startswith("epoch ") for line in lines) == 3  # the trainer's line per epoch
     rec = record_of(run, how, secs, {"peak_rss_mb": 1.0})
     assert rec["wall_s"] == round(secs, 1) and rec["peak_rss_mb"] == 1.0 and rec["data_fingerprint"]
     assert train_or_reuse(cfg(1), log=heard.append) == (run, "reused", 0.0) and heard == [f"reusing finished run {run}"]
@@ -145,6 +147,15 @@ def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monke
     assert how == "resumed" and run2 != run and heard[-1] == f"resuming {run2}"
     rec = record_of(run2, how, secs)
     assert rec["resumed"] and rec["wall_s_is_train_s"] and rec["epochs"] == 3 and rec["data_fingerprint"]
+
+
+def test_epoch_printer_prefixes_every_line_and_quiet_prints_nothing(capsys):
+    from run_cache import epoch_printer
+
+    epoch_printer("wearec LastFM ce seed 42", quiet=False)("epoch   1  loss 8.1\nHR@10 0.05")
+    epoch_printer("wearec LastFM ce seed 42", quiet=True)("epoch   2  loss 7.9")
+    assert capsys.readouterr().out.splitlines() == ["[wearec LastFM ce seed 42] epoch   1  loss 8.1",
+                                                    "[wearec LastFM ce seed 42] HR@10 0.05"]
 
 
 def test_reproduction_tables_compare_at_the_same_sequence_length():
