@@ -184,8 +184,8 @@ def data_info(
     kcore: int = typer.Option(0, "--kcore", help="Apply k-core filtering first (0 = none)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """Users, items, interactions, sequence-length statistics and timestamp ties."""
-    from athwe.dataset.sequences import load_sequences
+    """Users, items, interactions, sequence-length statistics, timestamp ties and gaps."""
+    from athwe.dataset.sequences import format_seconds, load_sequences
 
     def go() -> None:
         if dataset == "demo":
@@ -204,7 +204,10 @@ def data_info(
             f"density       {s['density']:.5f}\n"
             f"seq length    min {s['seq_len_min']}  median {s['seq_len_median']:g}  mean {s['seq_len_mean']:g}  "
             f"p90 {s['seq_len_p90']:g}  max {s['seq_len_max']}\n"
-            f"timestamp ties {ties}\nitem map      {s['item_fingerprint']}")
+            f"timestamp ties {ties}\n"
+            + (f"gaps          {'  '.join(f'{k} {format_seconds(v)}' for k, v in s['gap_seconds'].items())}"
+               "  (between a user's consecutive interactions)\n" if s["gap_seconds"] else "")
+            + f"item map      {s['item_fingerprint']}")
 
     _guard(go)
 

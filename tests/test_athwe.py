@@ -259,6 +259,28 @@ def test_time_buckets_follow_the_spec():
     assert time_buckets(ts, ids > 0, 200, 1.5e7).tolist() == got.tolist()
 
 
+def _samples(gap_seconds: float, n_rows: int = 40) -> "SampleSet":
+    from athwe.dataset.split import SampleSet
+
+    b = batch()
+    ids = b.input_ids[5:6].repeat(n_rows, 1)  # a full-length row
+    ts = 1.6e9 + gap_seconds * torch.arange(N, dtype=torch.float64).repeat(n_rows, 1)
+    return SampleSet(ids, ts.masked_fill(ids == 0, 0.0), torch.ones(n_rows, dtype=torch.long),
+                     torch.arange(n_rows), ts[:, -1] + gap_seconds)
+
+
+def test_training_notes_flag_time_buckets_that_carry_no_signal():
+    model = make()
+    notes = model.training_notes(_samples(gap_seconds=20.0))  # every gap << time_scale 1.5e7 s
+    assert len(notes) == 1 and "100% of the training gaps fall in the lowest time bucket" in notes[0]
+    assert "time_scale 1.5e+07" in notes[0] and "median gap 20 s" in notes[0]
+    assert model.training_notes(_samples(gap_seconds=30 * DAY)) == []  # buckets spread: nothing to say
+    assert "top time bucket" in model.training_notes(_samples(gap_seconds=3650 * DAY))[0]
+    assert make({"time_scale": 30.0}).training_notes(_samples(gap_seconds=20.0)) == []
+    # nothing uses the time embedding: no routing by time and no temporal contrast
+    assert make({"time_routing": False, "phcl_weight": 0.0}).training_notes(_samples(gap_seconds=20.0)) == []
+
+
 @pytest.mark.parametrize("n", [50, 37, 8, 200])
 def test_wavelet_alignment_at_any_length(n):
     fusion = WaveletAlign(3, 8, 4, "db4", [0.1, 1.0, 1.0], 0.5)

@@ -220,6 +220,16 @@ def test_load_atomic_ids_order_and_ties(tmp_path, cache_dir):
     # u1: 10,10 and 30,30 -> 2; u2: 40,40 -> 1; u1's last 30 vs u2's first 30 is not a tie
     assert data.timestamp_ties() == 3
     assert data.summary()["timestamp_ties"] == 3
+    # gaps within each user only: u1 0,10,10,0; u2 10,0; u3 none
+    assert sorted(data.gaps().tolist()) == [0.0, 0.0, 0.0, 10.0, 10.0, 10.0]
+    assert data.summary()["gap_seconds"] == {"p25": 0.0, "p50": 5.0, "p75": 10.0, "p90": 10.0, "p99": 10.0}
+
+
+def test_format_seconds_for_people():
+    from athwe.dataset.sequences import format_seconds
+
+    assert [format_seconds(s) for s in (0, 37, 90, 3 * 3600, 3.7 * 86400, 30 * 86400, 2 * 365.25 * 86400)] == [
+        "0 s", "37 s", "1.5 min", "3 h", "3.7 d", "30 d", "2 y"]
 
 
 def test_load_atomic_stable_sort_many_ties(tmp_path, cache_dir):
@@ -244,6 +254,7 @@ def test_load_atomic_without_timestamp_uses_positions(tmp_path, cache_dir):
                        header="user_id:token\titem_id:token")
     data = load_sequences(root, "nots")
     assert not data.has_timestamps and data.timestamp_ties() == 0
+    assert data.gaps().numel() == 0 and data.summary()["gap_seconds"] == {}
     seqs = user_seqs(data)
     assert seqs["a"] == (["x", "z", "x"], [0.0, 1.0, 2.0])
     assert seqs["b"] == (["y"], [0.0])

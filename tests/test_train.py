@@ -154,6 +154,10 @@ def test_data_info_on_lastfm():
     assert res.exit_code == 0
     info = json.loads(res.stdout)
     assert (info["users"], info["items"], info["interactions"]) == (1090, 3646, 52551)
+    assert info["gap_seconds"] == {}  # a BSARec .txt file has no timestamps
+    res = CliRunner().invoke(app, ["data", "info", "--dataset", "ml-100k", "--data-dir", str(SHARED_DATA)])
+    assert res.exit_code == 0
+    assert "gaps          p25 0 s  p50 0 s  p75 37 s  p90 1.4 min  p99 3.7 d" in res.stdout
 
 
 def test_cli_train_failure_leaves_no_run_folder(tiny_data_dir, tmp_path):

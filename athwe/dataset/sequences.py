@@ -71,6 +71,15 @@ class SequenceData:
         starts[self.offsets[:-1][self.lengths > 0]] = True
         return int((same & ~starts[1:]).sum())
 
+    def gaps(self) -> torch.Tensor:
+        """Seconds between each interaction and the same user's previous one (float64, one entry
+        per interaction after a user's first); empty without real timestamps."""
+        if not self.has_timestamps or self.n_interactions < 2:
+            return torch.zeros(0, dtype=torch.float64)
+        starts = torch.zeros(self.n_interactions, dtype=torch.bool)
+        starts[self.offsets[:-1][self.lengths > 0]] = True
+        return (self.times[1:] - self.times[:-1])[~starts[1:]]
+
     def summary(self) -> dict:
         lens = self.lengths.double()
         return {
@@ -87,8 +96,28 @@ class SequenceData:
             "seq_len_max": int(lens.max()),
             "has_timestamps": self.has_timestamps,
             "timestamp_ties": self.timestamp_ties(),
+            "gap_seconds": gap_quantiles(self.gaps()),
             "item_fingerprint": self.item_fingerprint,
         }
+
+
+GAP_QUANTILES = (0.25, 0.5, 0.75, 0.9, 0.99)
+
+
+def gap_quantiles(gaps: torch.Tensor) -> dict[str, float]:
+    """{"p25": ..., "p50": ..., ..., "p99": ...} of `gaps` in seconds ({} when there are none)."""
+    if gaps.numel() == 0:
+        return {}
+    q = torch.quantile(gaps.double(), torch.tensor(GAP_QUANTILES, dtype=torch.float64))
+    return {f"p{round(p * 100)}": float(v) for p, v in zip(GAP_QUANTILES, q)}
+
+
+def format_seconds(s: float) -> str:
+    """A duration for people: 0 s, 37 s, 12 min, 5.2 h, 3.7 d, 1.4 y."""
+    for unit, size in (("y", 365.25 * 86400), ("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= size:
+            return f"{s / size:.2g} {unit}" if s < 10 * size else f"{s / size:.0f} {unit}"
+    return f"{s:.0f} s"
 
 
 def dataset_dir(data_dir: str | Path, name: str) -> Path:

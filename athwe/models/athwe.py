@@ -416,6 +416,28 @@ class ATHWE(SequentialRecommender):
     def prepare(self, train: SampleSet) -> None:
         self.ensure_cluster_labels()
 
+    def training_notes(self, train: SampleSet) -> list[str]:
+        """Warns when the gap buckets are (nearly) constant over the training data, i.e. when
+        time_scale does not suit the dataset's gaps (or it has no timestamps): the time embedding
+        then carries no signal into the expert routing and the temporal-contrast placeholders."""
+        c = self.config
+        if not ((c.moe and c.time_routing) or self.tcl_modalities) or train.input_ids.shape[1] < 2:
+            return []
+        ids, ts = train.input_ids[:, -2:], train.timestamps[:, -2:]
+        real = (ids > 0).all(1)  # the gap into each sample's last item, once per training interaction
+        if not bool(real.any()):
+            return []
+        gaps = (ts[real, 1] - ts[real, 0]).clamp(min=0.0)
+        bucket = time_buckets(ts[real], ids[real] > 0, c.time_span, c.time_scale)[:, 1]
+        for value, where in ((0, "the lowest"), (c.time_span, "the top")):
+            share = float((bucket == value).double().mean())
+            if share >= 0.9:
+                return [f"athwe: {share:.0%} of the training gaps fall in {where} time bucket at model_args.time_scale "
+                        f"{c.time_scale:g} s (median gap {float(gaps.median()):g} s), so the time embedding that routes "
+                        f"the experts is nearly constant; set time_scale near the dataset's typical gap "
+                        f"(`athwe data info` lists them; BSARec .txt data have no timestamps)"]
+        return []
+
     # -- forward -----------------------------------------------------------------------------
     def item_tables(self) -> dict[str, torch.Tensor]:
         """Per-modality candidate tables (n_items + 1, H): E_id, P_t T, P_v V, where items without

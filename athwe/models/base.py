@@ -55,6 +55,11 @@ class SequentialRecommender(nn.Module):
     def prepare(self, train: SampleSet) -> None:
         """Hook called once with the training samples before training (e.g. to precompute positives)."""
 
+    def training_notes(self, train: SampleSet) -> list[str]:
+        """One-line remarks on how this model's settings meet the training data (e.g. an input that
+        carries no signal under the current config); the trainer prints them before training."""
+        return []
+
     def query_vectors(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 

@@ -151,6 +151,8 @@ class Trainer:
         self.model: SequentialRecommender = create_model(
             cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss, features).to(self.device)
         self.model.prepare(split.train)
+        for note in self.model.training_notes(split.train):
+            printer(f"note: {note}")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
         self.history = history_mode(cfg)
         self.epoch = 0
