@@ -34,6 +34,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from paired import compare_rows  # noqa: E402
 from run_cache import (add_reuse_args, command_line, epoch_printer, finished_run, record_of, train_or_reuse,
                        training_command)  # noqa: E402
 
@@ -115,9 +116,31 @@ def mean_std(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
 
 
+def paired_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Paired bootstrap comparisons (benchmarks/paired.py) of every ATHWE row against the best ID-only
+    row by mean NDCG@10, and of every other ATHWE row (the ablations) against the first ATHWE row."""
+    done = [r for r in rows if r["runs"]]
+    athwe = [r for r in done if r["model"] == "athwe"]
+    id_only = [r for r in done if r["model"] != "athwe"]
+    todo = []
+    if id_only:
+        best = max(id_only, key=lambda r: statistics.mean(x["test"]["NDCG@10"] for x in r["runs"]))
+        todo += [(r, best) for r in athwe]
+    if athwe:
+        todo += [(r, athwe[0]) for r in athwe[1:]]
+    out = []
+    for a, b in todo:
+        try:
+            stats = compare_rows(a["runs"], b["runs"], k=10)
+        except (OSError, ValueError) as e:  # a run folder gone or changed: leave the pair out, say why
+            print(f"paired comparison {a['variant']} vs {b['variant']} left out: {e}", file=sys.stderr, flush=True)
+            continue
+        out.append({"variant": a["variant"], "against": b["variant"], **stats})
+    return out
+
+
 def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out + ".json").write_text(json.dumps({**meta, "rows": rows}, indent=2) + "\n")
     h = next((r["runs"][0]["header"] for r in rows if r["runs"]), {})
     lines = [f"# {', '.join(r['variant'] for r in rows if r['runs'])} on {meta['dataset']}", "",
              command_line(meta["command"], bool(meta.get("report_only"))), "",
@@ -138,11 +161,22 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {max(mem):.0f} ({kind})"
                      f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
+    pairs = paired_rows(rows)
+    if pairs:
+        users = pairs[0]["users"]
+        lines += ["", f"Paired on the same {users:,} test users: each user's NDCG@10 averaged over a row's seeds, the "
+                  f"relative difference of the means, and its 95% interval and share of draws ahead over "
+                  f"{pairs[0]['resamples']:,} bootstrap resamples of the users (the spread that comes from which "
+                  "users are tested; with 3 seeds, training noise is only partly in it).", "",
+                  "| variant | against | NDCG@10 difference | 95% interval | ahead in |", "|---|---|---|---|---|"]
+        lines += [f"| {p['variant']} | {p['against']} | {p['rel']:+.1%} | [{p['lo']:+.1%}, {p['hi']:+.1%}] | "
+                  f"{p['ahead']:.0%} |" for p in pairs]
     lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
               "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
               "(ID only; category prediction stays on).", "",
               "Peak memory marked * includes a run that was interrupted and resumed: its figure is the peak of "
               "the resumed part (the process that finished the run)."]
+    Path(out + ".json").write_text(json.dumps({**meta, "rows": rows, "paired": pairs}, indent=2) + "\n")
     Path(out + ".md").write_text("\n".join(lines) + "\n")
 
 

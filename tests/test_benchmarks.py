@@ -1,4 +1,5 @@
-"""The benchmarks' run reuse: which run folder counts as the same run, and what is read back."""
+"""The benchmarks' run reuse (which run folder counts as the same run, and what is read back), their
+output, and the paired comparison of runs on the same test users."""
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -118,8 +120,6 @@ def test_runs_on_other_data_are_not_reused(tmp_path):
 
 
 def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monkeypatch):
-    import pytest
-
     from conftest import TINY_MODEL, train_dies_in_epoch
     from run_cache import record_of, train_or_reuse
 
@@ -183,7 +183,6 @@ def test_reproduction_tables_compare_at_the_same_sequence_length():
 
 def test_reproduce_report_only_tabulates_finished_runs(tmp_path, monkeypatch, capsys):
     """reproduce.py --report-only trains nothing; the published row is the one for the run's N."""
-    import pytest
     import reproduce
 
     runs = tmp_path / "runs"
@@ -241,3 +240,42 @@ def test_reproduce_table_names_the_variant_and_compares_only_the_published_one(t
         assert "| LastFM | fearec (published; variant bsarec) | | | |  | 0.0587 |" in md
     assert "(ours / published" not in tables["official"]
     assert "| LastFM | fearec (ours / published; variant bsarec) | | | |  | 60.3% |" in tables["bsarec"]
+
+
+def test_paired_bootstrap_relative_difference_and_interval():
+    import torch
+    from paired import paired_bootstrap
+
+    g = torch.Generator().manual_seed(0)
+    b = torch.rand(500, generator=g, dtype=torch.float64)
+    same = paired_bootstrap(b * 1.1, b, resamples=2000)
+    assert same["rel"] == pytest.approx(0.1) and same["lo"] == pytest.approx(0.1) and same["hi"] == pytest.approx(0.1)
+    assert same["ahead"] == 1.0 and same["users"] == 500
+    noisy = paired_bootstrap(torch.rand(500, generator=g, dtype=torch.float64), b, resamples=2000)
+    assert noisy["lo"] < noisy["rel"] < noisy["hi"] and 0.0 < noisy["ahead"] < 1.0
+    with pytest.raises(ValueError):
+        paired_bootstrap(b, b[:-1])
+
+
+def test_test_ranks_reproduce_the_runs_metric_and_are_cached(tiny_data_dir, tmp_path):
+    import torch
+
+    from conftest import TINY_MODEL
+    from paired import RANKS_FILE, compare_rows, ndcg_per_user, row_ndcg, test_ranks
+    from run_cache import train_or_reuse
+
+    runs = []
+    for seed in (1, 2):
+        cfg = resolve_config("sasrec", "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()], flags={
+            "data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"), "data.max_seq_length": 8,
+            "train.batch_size": 32, "train.epochs": 2, "train.seed": seed})
+        runs.append(train_or_reuse(cfg)[0])
+    users, ranks = test_ranks(runs[0])
+    saved = json.loads((runs[0] / "results.json").read_text())["test"]
+    assert float(ndcg_per_user(ranks, 10).mean()) == pytest.approx(saved["NDCG@10"], abs=1e-9)
+    assert (runs[0] / RANKS_FILE).is_file()
+    again = test_ranks(runs[0])  # read back from the cache
+    assert torch.equal(again[0], users) and torch.equal(again[1], ranks)
+    u, mean = row_ndcg(runs, 10)
+    assert torch.equal(u, users.sort().values) and len(mean) == len(users)
+    assert compare_rows([{"run_dir": runs[0]}], [{"run_dir": runs[0]}])["rel"] == 0.0

@@ -1,0 +1,94 @@
+"""Paired comparisons of finished runs on the same test users.
+
+Two models evaluated on the same dataset and split rank the same test targets, so their difference
+is best judged user by user: each user's NDCG@K is averaged over a row's seeds, and the relative
+difference of the means is bootstrapped over users (the spread a different draw of test users
+would give). Seed-to-seed training noise enters through the per-user averages; with few seeds it
+is not fully captured, which the tables say.
+
+Per-run test ranks are computed once from the run's best checkpoint and kept beside it
+(`test_ranks.pt`: the test rows' user indices and target ranks).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+RANKS_FILE = "test_ranks.pt"
+
+
+def test_ranks(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """(users, ranks) of a finished run's test rows (ranks 0-based: items scored strictly higher),
+    from its best checkpoint; cached in the run folder, written atomically."""
+    run = Path(run_dir)
+    cache = run / RANKS_FILE
+    best = run / "best.pt"
+    if cache.is_file() and best.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
+        saved = torch.load(cache, weights_only=True)
+        return saved["users"], saved["ranks"]
+    from athwe.config import history_mode
+    from athwe.dataset.split import build_split
+    from athwe.evaluation.metrics import evaluate
+    from athwe.training.trainer import load_run_model
+
+    model, data, cfg = load_run_model(run)
+    samples = build_split(data, cfg.data.max_seq_length, cfg.data.preset).test
+    with torch.no_grad():
+        _, ranks = evaluate(model.scores, samples, history_mode(cfg), cfg.train.eval_batch_size,
+                            next(model.parameters()).device, trim=model.supports_trimming)
+    users = samples.user.clone()
+    tmp = cache.with_suffix(".tmp")
+    torch.save({"users": users, "ranks": ranks}, tmp)
+    tmp.replace(cache)
+    return users, ranks
+
+
+def ndcg_per_user(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    r = ranks.double()
+    return torch.where(r < k, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
+
+
+def row_ndcg(run_dirs: list[str | Path], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(users, NDCG@k per user averaged over the runs); every run must have the same test users."""
+    users, total = None, None
+    for run in run_dirs:
+        u, r = test_ranks(run)
+        order = torch.argsort(u)
+        u, v = u[order], ndcg_per_user(r[order], k)
+        if users is None:
+            users, total = u, v
+        elif not torch.equal(u, users):
+            raise ValueError(f"{run}: its test users differ from {run_dirs[0]}'s")
+        else:
+            total = total + v
+    if users is None:
+        raise ValueError("no runs")
+    return users, total / len(run_dirs)
+
+
+def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 10_000, seed: int = 0) -> dict[str, float]:
+    """Relative difference mean(a) / mean(b) - 1 of paired per-user values, with the 2.5 and 97.5
+    percentiles over `resamples` bootstrap draws of the users and the share of draws where a is
+    ahead."""
+    if a.shape != b.shape or a.ndim != 1 or len(a) == 0:
+        raise ValueError("paired_bootstrap needs two 1-d tensors of the same non-zero length")
+    g = torch.Generator().manual_seed(seed)
+    n = len(a)
+    rel = []
+    for chunk in range(0, resamples, 1000):
+        idx = torch.randint(0, n, (min(1000, resamples - chunk), n), generator=g)
+        rel.append(a.double()[idx].mean(1) / b.double()[idx].mean(1).clamp(min=1e-12) - 1.0)
+    draws = torch.cat(rel)
+    lo, hi = torch.quantile(draws, torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
+    return {"rel": float(a.double().mean() / b.double().mean() - 1.0), "lo": lo, "hi": hi,
+            "ahead": float((draws > 0).double().mean()), "users": n, "resamples": resamples}
+
+
+def compare_rows(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], k: int = 10) -> dict[str, float]:
+    """paired_bootstrap of NDCG@k between two table rows' runs (each a list of run records with a
+    'run_dir')."""
+    _, a = row_ndcg([x["run_dir"] for x in rows_a], k)
+    _, b = row_ndcg([x["run_dir"] for x in rows_b], k)
+    return paired_bootstrap(a, b)
