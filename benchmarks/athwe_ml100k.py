@@ -139,7 +139,9 @@ def paired_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
+def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: bool = True) -> None:
+    """The table and its .json; the paired comparisons (which evaluate every run's checkpoint, and
+    may extract the demo's features on the way) only in the `final` write, after all runs are in."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     h = next((r["runs"][0]["header"] for r in rows if r["runs"]), {})
     lines = [f"# {', '.join(r['variant'] for r in rows if r['runs'])} on {meta['dataset']}", "",
@@ -161,13 +163,13 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]]) -> None:
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {max(mem):.0f} ({kind})"
                      f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
-    pairs = paired_rows(rows)
+    pairs = paired_rows(rows) if final else []
     if pairs:
         users = pairs[0]["users"]
         lines += ["", f"Paired on the same {users:,} test users: each user's NDCG@10 averaged over a row's seeds, the "
                   f"relative difference of the means, and its 95% interval and share of draws ahead over "
                   f"{pairs[0]['resamples']:,} bootstrap resamples of the users (the spread that comes from which "
-                  "users are tested; with 3 seeds, training noise is only partly in it).", "",
+                  "users are tested; training noise enters only through the seeds averaged).", "",
                   "| variant | against | NDCG@10 difference | 95% interval | ahead in |", "|---|---|---|---|---|"]
         lines += [f"| {p['variant']} | {p['against']} | {p['rel']:+.1%} | [{p['lo']:+.1%}, {p['hi']:+.1%}] | "
                   f"{p['ahead']:.0%} |" for p in pairs]
@@ -247,7 +249,10 @@ def main() -> None:
             print(json.dumps({"variant": label, "seed": seed, "NDCG@10": round(res["test"]["NDCG@10"], 4),
                               **{k: res.get(k) for k in ("best_epoch", "epochs", "samples_per_s", "peak_rss_mb", "wall_s")}}),
                   flush=True)
-            write(args.out, meta, rows)
+            write(args.out, meta, rows, final=False)
+    if not any(r["runs"] for r in rows):
+        raise SystemExit(f"error: no finished runs under {args.runs_dir}; nothing written to {args.out}.md")
+    write(args.out, meta, rows)
     print(Path(args.out + ".md").read_text())
 
 
