@@ -199,6 +199,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.valid_metric {cfg.train.valid_metric!r} is not one of {', '.join(sorted(valid_metrics))}")
     if cfg.data.max_seq_length < 1 or cfg.train.batch_size < 1 or cfg.train.epochs < 0:
         raise ConfigError("max_seq_length and batch_size must be >= 1 and epochs >= 0")
+    if cfg.data.kcore < 0:
+        raise ConfigError(f"data.kcore must be >= 0 (0 = no filtering), got {cfg.data.kcore}")
     build_model_config(cfg.model, cfg.model_args)  # unknown model or model key -> ConfigError
 
 

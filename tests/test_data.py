@@ -14,7 +14,7 @@ import athwe.dataset.sequences as seqmod
 from athwe.dataset.atomic import read_atomic, read_sequence_txt
 from athwe.dataset.sequences import load_sequences
 from athwe.dataset.split import build_split
-from athwe.errors import DataError
+from athwe.errors import ConfigError, DataError
 
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -291,6 +291,8 @@ def test_kcore_reaches_fixed_point(tmp_path, cache_dir):
     assert seqs["U2"] == (["r", "s"], [2.0, 3.0]) and seqs["U3"] == (["r", "s"], [1.0, 2.0])
     with pytest.raises(DataError, match="3-core"):
         load_sequences(root, "kc", kcore=3)
+    with pytest.raises(ConfigError, match="kcore must be >= 0"):
+        load_sequences(root, "kc", kcore=-1)
 
 
 def reference_kcore(rows: list[tuple], k: int) -> list[tuple]:

@@ -103,6 +103,8 @@ def test_config_precedence(tmp_path, monkeypatch):
         resolve_config("sasrec", "X", overrides=["model_args.nope=1"])
     with pytest.raises(ConfigError, match="must be int"):
         resolve_config("sasrec", "X", overrides=["train.epochs=abc"])
+    with pytest.raises(ConfigError, match="data.kcore must be >= 0"):
+        resolve_config("sasrec", "X", overrides=["data.kcore=-2"])
 
 
 def _cli(args, tmp_path):

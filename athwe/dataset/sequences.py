@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from athwe.dataset.atomic import read_atomic, read_sequence_txt
-from athwe.errors import DataError
+from athwe.errors import ConfigError, DataError
 from athwe.utils import atomic_torch_save, fingerprint_tokens
 
 PAD_TOKEN = "[PAD]"
@@ -144,6 +144,8 @@ def cache_root() -> Path:
 
 def load_sequences(data_dir: str | Path, name: str, kcore: int = 0, use_cache: bool = True) -> SequenceData:
     """Read, optionally k-core filter, and chronologically sort dataset `name`."""
+    if kcore < 0:
+        raise ConfigError(f"kcore must be >= 0 (0 = no filtering), got {kcore}")
     kind, path = find_source(data_dir, name)
     st = path.stat()
     key_src = json.dumps([CACHE_VERSION, str(path.resolve()), st.st_size, st.st_mtime_ns, kcore])
