@@ -49,28 +49,53 @@ def data_files(cfg: dict[str, Any]) -> list[Path]:
     return files + ([manifest] if manifest.is_file() else [])
 
 
-def data_fingerprint(cfg: dict[str, Any]) -> str | None:
+#: manifest fields that record when and how fast features were extracted, not what they are
+VOLATILE_MANIFEST_KEYS = ("written", "seconds", "items_per_s", "images_per_s")
+
+
+def _stable_manifest(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _stable_manifest(v) for k, v in value.items() if k not in VOLATILE_MANIFEST_KEYS}
+    if isinstance(value, list):
+        return [_stable_manifest(v) for v in value]
+    return value
+
+
+def data_fingerprint(cfg: dict[str, Any], legacy: bool = False) -> str | None:
+    """A hash of the files a run's data comes from (data_files). The feature manifest enters
+    without its timing fields, so features extracted again with the same models and settings keep
+    the fingerprint; `legacy` hashes the manifest's bytes as older benchmark records did."""
     files = data_files(cfg)
     if not files:
         return None
     h = hashlib.sha256()
     for f in files:
         h.update(f.name.encode() + b"\0")
-        hash_file(f, h)
+        if f.name == "manifest.json" and not legacy:
+            try:
+                stable = _stable_manifest(json.loads(f.read_text()))
+            except (OSError, ValueError):
+                hash_file(f, h)
+                continue
+            h.update(json.dumps(stable, sort_keys=True).encode())
+        else:
+            hash_file(f, h)
     return h.hexdigest()[:16]
 
 
-def _same_data(run: Path, fingerprint: str | None) -> bool:
+def _same_data(run: Path, fingerprints: tuple[str | None, ...]) -> bool:
+    """Whether the run's recorded data fingerprint is one of `fingerprints` (current and legacy
+    schemes); a run without one, or data that cannot be fingerprinted, counts as the same."""
     path = run / BENCH_FILE
     saved = json.loads(path.read_text()).get("data_fingerprint") if path.is_file() else None
-    return saved is None or fingerprint is None or saved == fingerprint
+    return saved is None or None in fingerprints or saved in fingerprints
 
 
 def find_run(cfg: dict[str, Any], runs_dir: str | Path) -> Path | None:
     """The newest run folder under `runs_dir` trained with `cfg` on the same data (finished ones
     first), or None."""
     want = result_key(cfg)
-    fingerprint = data_fingerprint(cfg)
+    fingerprint = (data_fingerprint(cfg), data_fingerprint(cfg, legacy=True))
     root = Path(runs_dir)
     if not root.is_dir():
         return None

@@ -119,6 +119,36 @@ def test_runs_on_other_data_are_not_reused(tmp_path):
     assert find_run(cfg, runs) == training
 
 
+def test_features_extracted_again_alike_keep_the_data_fingerprint(tmp_path):
+    """Only the manifest's timing fields may change; other manifest fields, or a record made with
+    the older byte-for-byte manifest hash, behave as before."""
+    from run_cache import data_fingerprint
+
+    data = tmp_path / "data" / "ml"
+    (data / "features").mkdir(parents=True)
+    (data / "ml.inter").write_text("user_id:token\titem_id:token\n1\t2\n")
+    manifest = {"version": 1, "written": "2026-01-01T00:00:00+00:00", "seconds": 3.0,
+                "text": {"model": "minilm", "dim": 384, "seconds": 2.0, "items_per_s": 90.0}}
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    cfg = resolve_config("sasrec", "ml", flags={"data.data_dir": str(tmp_path / "data")}).to_dict()
+    runs = tmp_path / "runs"
+    run = _run(runs, "a", cfg, True, 0)
+    save_record(run, {"wall_s": 1.0})
+    again = {**manifest, "written": "2026-02-02T00:00:00+00:00", "seconds": 4.5,
+             "text": {**manifest["text"], "seconds": 2.5, "items_per_s": 70.0}}
+    (data / "features" / "manifest.json").write_text(json.dumps(again, indent=1))
+    assert find_run(cfg, runs) == run
+    (data / "features" / "manifest.json").write_text(json.dumps({**again, "text": {**again["text"], "model": "bert"}}))
+    assert find_run(cfg, runs) is None
+    # an older record holds the hash of the manifest's bytes: it matches while those bytes are unchanged
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    bench = json.loads((run / "benchmark.json").read_text())
+    (run / "benchmark.json").write_text(json.dumps({**bench, "data_fingerprint": data_fingerprint(cfg, legacy=True)}))
+    assert find_run(cfg, runs) == run
+    (data / "features" / "manifest.json").write_text(json.dumps(again))
+    assert find_run(cfg, runs) is None
+
+
 def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monkeypatch):
     from conftest import TINY_MODEL, train_dies_in_epoch
     from run_cache import record_of, train_or_reuse
