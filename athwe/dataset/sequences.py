@@ -64,12 +64,7 @@ class SequenceData:
 
     def timestamp_ties(self) -> int:
         """Interactions whose timestamp equals the previous interaction of the same user."""
-        if not self.has_timestamps or self.n_interactions < 2:
-            return 0
-        same = self.times[1:] == self.times[:-1]
-        starts = torch.zeros(self.n_interactions, dtype=torch.bool)
-        starts[self.offsets[:-1][self.lengths > 0]] = True
-        return int((same & ~starts[1:]).sum())
+        return int((self.gaps() == 0).sum())
 
     def gaps(self) -> torch.Tensor:
         """Seconds between each interaction and the same user's previous one (float64, one entry
