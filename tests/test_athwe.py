@@ -274,6 +274,8 @@ def test_training_notes_flag_time_buckets_that_carry_no_signal():
     notes = model.training_notes(_samples(gap_seconds=20.0))  # every gap << time_scale 1.5e7 s
     assert len(notes) == 1 and "100% of the training gaps fall in the lowest time bucket" in notes[0]
     assert "time_scale 1.5e+07" in notes[0] and "median gap 20 s" in notes[0]
+    assert "(expert routing and temporal-contrast placeholders)" in notes[0]
+    assert "(temporal-contrast placeholders)" in make({"moe": False}).training_notes(_samples(gap_seconds=20.0))[0]
     assert model.training_notes(_samples(gap_seconds=30 * DAY)) == []  # buckets spread: nothing to say
     assert "top time bucket" in model.training_notes(_samples(gap_seconds=3650 * DAY))[0]
     assert make({"time_scale": 30.0}).training_notes(_samples(gap_seconds=20.0)) == []

@@ -429,12 +429,14 @@ class ATHWE(SequentialRecommender):
             return []
         gaps = (ts[real, 1] - ts[real, 0]).clamp(min=0.0)
         bucket = time_buckets(ts[real], ids[real] > 0, c.time_span, c.time_scale)[:, 1]
+        uses = " and ".join(u for u, on in (("expert routing", c.moe and c.time_routing),
+                                             ("temporal-contrast placeholders", bool(self.tcl_modalities))) if on)
         for value, where in ((0, "the lowest"), (c.time_span, "the top")):
             share = float((bucket == value).double().mean())
             if share >= 0.9:
                 return [f"athwe: {share:.0%} of the training gaps fall in {where} time bucket at model_args.time_scale "
-                        f"{c.time_scale:g} s (median gap {float(gaps.median()):g} s), so the time embedding that routes "
-                        f"the experts is nearly constant; set time_scale near the dataset's typical gap "
+                        f"{c.time_scale:g} s (median gap {float(gaps.median()):g} s), so the time embedding ({uses}) "
+                        f"is nearly constant; set time_scale near the dataset's typical gap "
                         f"(`athwe data info` lists them; BSARec .txt data have no timestamps)"]
         return []
 
