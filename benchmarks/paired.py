@@ -16,6 +16,8 @@ from typing import Any
 
 import torch
 
+from athwe.evaluation.metrics import ndcg_per_row as ndcg_per_user  # one row per test user
+
 RANKS_FILE = "test_ranks.pt"
 
 
@@ -28,26 +30,13 @@ def test_ranks(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     if cache.is_file() and best.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
         saved = torch.load(cache, weights_only=True)
         return saved["users"], saved["ranks"]
-    from athwe.config import history_mode
-    from athwe.dataset.split import build_split
-    from athwe.evaluation.metrics import evaluate
-    from athwe.training.trainer import load_run_model
+    from athwe.training.trainer import evaluate_run_rows
 
-    model, data, cfg = load_run_model(run)
-    samples = build_split(data, cfg.data.max_seq_length, cfg.data.preset).test
-    with torch.no_grad():
-        _, ranks = evaluate(model.scores, samples, history_mode(cfg), cfg.train.eval_batch_size,
-                            next(model.parameters()).device, trim=model.supports_trimming)
-    users = samples.user.clone()
+    _, users, ranks = evaluate_run_rows(run, "test")
     tmp = cache.with_suffix(".tmp")
     torch.save({"users": users, "ranks": ranks}, tmp)
     tmp.replace(cache)
     return users, ranks
-
-
-def ndcg_per_user(ranks: torch.Tensor, k: int) -> torch.Tensor:
-    r = ranks.double()
-    return torch.where(r < k, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
 
 
 def row_ndcg(run_dirs: list[str | Path], k: int) -> tuple[torch.Tensor, torch.Tensor]:

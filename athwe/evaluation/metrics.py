@@ -36,6 +36,12 @@ def apply_history(scores: torch.Tensor, rows: torch.Tensor, items: torch.Tensor,
     scores[rows.to(scores.device), items.to(scores.device)] = value
 
 
+def ndcg_per_row(ranks: torch.Tensor, k: int) -> torch.Tensor:
+    """NDCG@k of each row (one target per row): 1 / log2(rank + 2) for rank < k, else 0 (float64)."""
+    r = ranks.double()
+    return torch.where(r < k, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r))
+
+
 def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[str, float]:
     """HR, NDCG and MRR at each K, averaged over rows (one target per row)."""
     r = ranks.double()
@@ -43,7 +49,7 @@ def metrics_from_ranks(ranks: torch.Tensor, ks: tuple[int, ...] = KS) -> dict[st
     for k in ks:
         hit = r < k
         out[f"HR@{k}"] = float(hit.double().mean())
-        out[f"NDCG@{k}"] = float(torch.where(hit, 1.0 / torch.log2(r + 2.0), torch.zeros_like(r)).mean())
+        out[f"NDCG@{k}"] = float(ndcg_per_row(ranks, k).mean())
         out[f"MRR@{k}"] = float(torch.where(hit, 1.0 / (r + 1.0), torch.zeros_like(r)).mean())
     return out
 

@@ -386,11 +386,17 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
 def evaluate_run(run_dir: str | Path, split_name: str = "test", history: str | None = None,
                  batch_size: int | None = None) -> dict[str, Any]:
     """Re-evaluate a finished run's best checkpoint."""
+    return evaluate_run_rows(run_dir, split_name, history, batch_size)[0]
+
+
+def evaluate_run_rows(run_dir: str | Path, split_name: str = "test", history: str | None = None,
+                      batch_size: int | None = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
+    """evaluate_run's result, plus each evaluated row's user index and target rank."""
     model, data, cfg = load_run_model(run_dir)
     if history:
         cfg.data.history = history
     split = build_split(data, cfg.data.max_seq_length, cfg.data.preset)
     samples = split.test if split_name == "test" else split.valid
-    metrics, _ = evaluate(model.scores, samples, history_mode(cfg), batch_size or cfg.train.eval_batch_size,
-                          next(model.parameters()).device, trim=model.supports_trimming)
-    return {"header": results_header(cfg), split_name: metrics}
+    metrics, ranks = evaluate(model.scores, samples, history_mode(cfg), batch_size or cfg.train.eval_batch_size,
+                              next(model.parameters()).device, trim=model.supports_trimming)
+    return {"header": results_header(cfg), split_name: metrics}, samples.user.clone(), ranks
