@@ -34,9 +34,9 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from paired import compare_rows  # noqa: E402
-from run_cache import (add_reuse_args, command_line, epoch_printer, finished_run, record_of, train_or_reuse,
-                       training_command)  # noqa: E402
+from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  # noqa: E402
+from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
+                       epoch_printer, finished_run, record_of, seeds_cell, train_or_reuse, training_command)
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -116,9 +116,22 @@ def mean_std(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
 
 
-def paired_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def earlier_pair(a: dict[str, Any], b: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any] | None:
+    """The earlier table's comparison of rows `a` and `b` when both rows still hold the same runs."""
+    runs = {r.get("variant"): [x.get("run_dir") for x in r.get("runs", [])] for r in earlier.get("rows", [])}
+    if any(runs.get(r["variant"]) != [x["run_dir"] for x in r["runs"]] for r in (a, b)):
+        return None
+    return next(({**p, "carried": True} for p in earlier.get("paired", [])
+                 if p.get("variant") == a["variant"] and p.get("against") == b["variant"]), None)
+
+
+def paired_rows(rows: list[dict[str, Any]], stored: Stored | None = None,
+                earlier: dict[str, Any] | None = None) -> tuple[list[dict[str, Any]], list[str]]:
     """Paired bootstrap comparisons (benchmarks/paired.py) of every ATHWE row against the best ID-only
-    row by mean NDCG@10, and of every other ATHWE row (the ablations) against the first ATHWE row."""
+    row by mean NDCG@10, and of every other ATHWE row (the ablations) against the first ATHWE row.
+    Runs whose folders are gone are compared through their `stored` ranks; a pair that still lacks
+    ranks keeps the `earlier` table's figures when both rows are unchanged, else it is left out.
+    Returns (comparisons, why each left-out pair is missing)."""
     done = [r for r in rows if r["runs"]]
     athwe = [r for r in done if r["model"] == "athwe"]
     id_only = [r for r in done if r["model"] != "athwe"]
@@ -128,20 +141,41 @@ def paired_rows(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
         todo += [(r, best) for r in athwe]
     if athwe:
         todo += [(r, athwe[0]) for r in athwe[1:]]
-    out = []
+    out, missing = [], []
     for a, b in todo:
         try:
-            stats = compare_rows(a["runs"], b["runs"], k=10)
+            stats = compare_rows(a["runs"], b["runs"], k=10, stored=stored)
         except (OSError, ValueError) as e:  # a run folder gone or changed: leave the pair out, say why
+            kept = earlier_pair(a, b, earlier or {})
+            if kept is not None:
+                out.append(kept)
+                continue
             print(f"paired comparison {a['variant']} vs {b['variant']} left out: {e}", file=sys.stderr, flush=True)
+            missing.append(f"{a['variant']} vs {b['variant']} ({e})")
             continue
         out.append({"variant": a["variant"], "against": b["variant"], **stats})
-    return out
+    return out, missing
 
 
-def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: bool = True) -> None:
+def keep_ranks(out: str, rows: list[dict[str, Any]], stored: Stored) -> None:
+    """Store the test ranks of every run in `rows` that has them (from its folder or `stored`)
+    beside the table, so its comparisons can be made again without the run folders."""
+    keep: Stored = {}
+    for r in rows:
+        for x in r["runs"]:
+            try:
+                keep[Path(x["run_dir"]).name] = test_ranks(x["run_dir"], stored)
+            except (OSError, ValueError):
+                continue
+    if keep:
+        save_stored(out, keep)
+
+
+def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: bool = True,
+          stored: Stored | None = None, earlier: dict[str, Any] | None = None) -> None:
     """The table and its .json; the paired comparisons (which evaluate every run's checkpoint, and
-    may extract the demo's features on the way) only in the `final` write, after all runs are in."""
+    may extract the demo's features on the way) only in the `final` write, after all runs are in,
+    which also stores the runs' test ranks beside the table (`<out>.ranks.json`)."""
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     h = next((r["runs"][0]["header"] for r in rows if r["runs"]), {})
     lines = [f"# {', '.join(r['variant'] for r in rows if r['runs'])} on {meta['dataset']}", "",
@@ -159,11 +193,13 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         cells = [mean_std([x["test"][m] for x in runs]) for m in METRICS]
         mem = [x.get("peak_cuda_mb", x.get("peak_rss_mb", 0.0)) for x in runs]
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
-        lines.append(f"| {r['variant']} | {','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
+        lines.append(f"| {r['variant']} | {seeds_cell(runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {max(mem):.0f} ({kind})"
                      f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
-    pairs = paired_rows(rows) if final else []
+    pairs, missing = paired_rows(rows, stored, earlier) if final else ([], [])
+    if final:
+        keep_ranks(out, rows, stored or {})
     if pairs:
         users = pairs[0]["users"]
         lines += ["", f"Paired on the same {users:,} test users: each user's NDCG@10 averaged over a row's seeds, the "
@@ -171,8 +207,15 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
                   f"{pairs[0]['resamples']:,} bootstrap resamples of the users (the spread that comes from which "
                   "users are tested; training noise enters only through the seeds averaged).", "",
                   "| variant | against | NDCG@10 difference | 95% interval | ahead in |", "|---|---|---|---|---|"]
-        lines += [f"| {p['variant']} | {p['against']} | {p['rel']:+.1%} | [{p['lo']:+.1%}, {p['hi']:+.1%}] | "
+        lines += [f"| {p['variant']}{' †' if p.get('carried') else ''} | {p['against']} | {p['rel']:+.1%} | [{p['lo']:+.1%}, {p['hi']:+.1%}] | "
                   f"{p['ahead']:.0%} |" for p in pairs]
+        if any(p.get("carried") for p in pairs):
+            lines += ["", "Comparisons marked † are the earlier table's: their rows are unchanged, and the per-user "
+                      "ranks of their runs were not kept then."]
+    if missing:
+        lines += ["", "Not compared (no per-user test ranks for a run): " + "; ".join(missing) + "."]
+    if any(x.get("carried") for r in rows for x in r["runs"]):
+        lines += ["", CARRIED_NOTE]
     lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
               "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
               "(ID only; category prediction stays on).", "",
@@ -222,6 +265,14 @@ def main() -> None:
     meta = {"command": command, "dataset": args.dataset, "seeds": seeds, "device": str(resolve_device(args.device)),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "report_only": args.report_only, "load_avg": [round(x, 2) for x in os.getloadavg()]}
+    stored = load_stored(args.out)
+    earlier_table = {}
+    if args.report_only:
+        try:
+            earlier_table = json.loads(Path(args.out + ".json").read_text())
+        except (OSError, ValueError):
+            earlier_table = {}
+    earlier = earlier_records(args.out) if args.report_only else []
     rows = []
     for label, model, extra in VARIANTS:
         if label not in wanted:
@@ -234,8 +285,14 @@ def main() -> None:
                      "train.device": args.device, "train.epochs": args.epochs,
                      "train.num_threads": args.threads or None}
             res = None if args.fresh else reuse(model, args.dataset, overrides, flags)
+            if res is None and earlier:
+                res = carried_record(resolve_config(model, args.dataset, overrides=overrides, flags=flags).to_dict(), earlier)
+                if res is not None:
+                    print(f"{label} seed {seed}: carried over from {args.out}.json (run folder {res['run_dir']} not here)",
+                          flush=True)
             if res is not None:
-                print(f"{label} seed {seed}: reusing finished run {res['run_dir']}", flush=True)
+                if not res.get("carried"):
+                    print(f"{label} seed {seed}: reusing finished run {res['run_dir']}", flush=True)
             elif args.report_only:
                 print(f"{label} seed {seed}: no finished run, left out", flush=True)
                 continue
@@ -252,7 +309,7 @@ def main() -> None:
             write(args.out, meta, rows, final=False)
     if not any(r["runs"] for r in rows):
         raise SystemExit(f"error: no finished runs under {args.runs_dir}; nothing written to {args.out}.md")
-    write(args.out, meta, rows)
+    write(args.out, meta, rows, stored=stored, earlier=earlier_table)
     print(Path(args.out + ".md").read_text())
 
 

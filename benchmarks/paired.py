@@ -7,10 +7,13 @@ would give). Seed-to-seed training noise enters through the per-user averages; w
 is not fully captured, which the tables say.
 
 Per-run test ranks are computed once from the run's best checkpoint and kept beside it
-(`test_ranks.pt`: the test rows' user indices and target ranks).
+(`test_ranks.pt`: the test rows' user indices and target ranks). A table keeps its runs' ranks
+too (`<table>.ranks.json`, `save_stored`), so its comparisons can be computed again after the run
+folders are gone.
 """
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -19,14 +22,45 @@ import torch
 from athwe.evaluation.metrics import ndcg_per_row as ndcg_per_user  # one row per test user
 
 RANKS_FILE = "test_ranks.pt"
+#: stored ranks: run folder name -> (users, ranks)
+Stored = dict[str, tuple[torch.Tensor, torch.Tensor]]
 
 
-def test_ranks(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
+def stored_path(out: str | Path) -> Path:
+    return Path(str(out) + ".ranks.json")
+
+
+def load_stored(out: str | Path) -> Stored:
+    """The ranks a table kept for its runs (`<out>.ranks.json`); {} when there are none."""
+    try:
+        runs = json.loads(stored_path(out).read_text())["runs"]
+        return {name: (torch.tensor(v["users"], dtype=torch.long), torch.tensor(v["ranks"], dtype=torch.long))
+                for name, v in runs.items()}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
+
+
+def save_stored(out: str | Path, stored: Stored) -> None:
+    """Write `stored` to `<out>.ranks.json` (through a temporary file)."""
+    path = stored_path(out)
+    body = {"about": "test users (row indices) and 0-based target ranks of each run in the table beside this file",
+            "runs": {name: {"users": u.tolist(), "ranks": r.tolist()} for name, (u, r) in sorted(stored.items())}}
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(body, separators=(",", ":")) + "\n")
+    tmp.replace(path)
+
+
+def test_ranks(run_dir: str | Path, stored: Stored | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(users, ranks) of a finished run's test rows (ranks 0-based: items scored strictly higher),
-    from its best checkpoint; cached in the run folder, written atomically."""
+    from its best checkpoint, cached in the run folder (written atomically); without a checkpoint,
+    from `stored` (keyed by the run folder's name). FileNotFoundError when neither has them."""
     run = Path(run_dir)
     cache = run / RANKS_FILE
     best = run / "best.pt"
+    if not best.is_file():
+        if stored and run.name in stored:
+            return stored[run.name]
+        raise FileNotFoundError(f"{run}: no checkpoint here and no stored test ranks")
     if cache.is_file() and best.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
         saved = torch.load(cache, weights_only=True)
         return saved["users"], saved["ranks"]
@@ -39,11 +73,11 @@ def test_ranks(run_dir: str | Path) -> tuple[torch.Tensor, torch.Tensor]:
     return users, ranks
 
 
-def row_ndcg(run_dirs: list[str | Path], k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def row_ndcg(run_dirs: list[str | Path], k: int, stored: Stored | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(users, NDCG@k per user averaged over the runs); every run must have the same test users."""
     users, total = None, None
     for run in run_dirs:
-        u, r = test_ranks(run)
+        u, r = test_ranks(run, stored)
         order = torch.argsort(u)
         u, v = u[order], ndcg_per_user(r[order], k)
         if users is None:
@@ -75,9 +109,10 @@ def paired_bootstrap(a: torch.Tensor, b: torch.Tensor, resamples: int = 10_000, 
             "ahead": float((draws > 0).double().mean()), "users": n, "resamples": resamples}
 
 
-def compare_rows(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], k: int = 10) -> dict[str, float]:
+def compare_rows(rows_a: list[dict[str, Any]], rows_b: list[dict[str, Any]], k: int = 10,
+                 stored: Stored | None = None) -> dict[str, float]:
     """paired_bootstrap of NDCG@k between two table rows' runs (each a list of run records with a
-    'run_dir')."""
-    _, a = row_ndcg([x["run_dir"] for x in rows_a], k)
-    _, b = row_ndcg([x["run_dir"] for x in rows_b], k)
+    'run_dir'); ranks of runs without a folder here come from `stored`."""
+    _, a = row_ndcg([x["run_dir"] for x in rows_a], k, stored)
+    _, b = row_ndcg([x["run_dir"] for x in rows_b], k, stored)
     return paired_bootstrap(a, b)

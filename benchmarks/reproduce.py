@@ -15,8 +15,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import ROW_NOTES, comparisons  # noqa: E402
 
-from run_cache import (add_reuse_args, command_line, epoch_printer, finished_run, record_of, train_or_reuse,
-                       training_command)  # noqa: E402
+from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
+                       epoch_printer, finished_run, record_of, seeds_cell, train_or_reuse, training_command)
 
 from athwe.config import resolve_config  # noqa: E402
 
@@ -35,6 +35,7 @@ def main() -> None:
     add_reuse_args(ap)
     args = ap.parse_args()
     command = training_command()
+    earlier = earlier_records(args.out) if args.report_only else []
     rows = []
     for dataset in args.datasets.split(","):
         for model in args.models.split(","):
@@ -45,12 +46,17 @@ def main() -> None:
                         "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed, "train.runs_dir": args.runs_dir})
                     if args.report_only:
                         done = finished_run(cfg.to_dict(), args.runs_dir)
+                        if done is None and earlier:
+                            done = carried_record(cfg.to_dict(), earlier)
+                            if done is not None:
+                                print(f"{model} {dataset} {loss} seed {seed}: carried over from {args.out}.json "
+                                      f"(run folder {done['run_dir']} not here)", flush=True)
                         if done is None:
                             print(f"{model} {dataset} {loss} seed {seed}: no finished run, left out", flush=True)
                             continue
                     else:
                         done = run_or_reuse(cfg, args.fresh, epoch_printer(f"{model} {dataset} {loss} seed {seed}", args.quiet))
-                    runs.append({"seed": seed, **done})
+                    runs.append({**done, "seed": seed})
                     print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
                     # rewrite the tables after every run, so an interrupted benchmark keeps what finished
                     write(args.out, command, rows + [{"dataset": dataset, "model": model, "loss": loss, "runs": runs}],
@@ -91,7 +97,7 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
         variant = model_args.get("variant")
         name = f"{r['model']} ({variant} variant)" if variant else r["model"]
         lines.append(f"| {r['dataset']} | {name} | {r['loss']} | {h['preset']} / {h['history']} / {n} | "
-                     f"{','.join(str(x['seed']) for x in runs)} | " + " | ".join(cells) +
+                     f"{seeds_cell(runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
                      f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
@@ -108,6 +114,8 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
     for k in ROW_NOTES:
         if k in notes:
             lines += ["", ROW_NOTES[k]]
+    if any(x.get("carried") for r in rows for x in r["runs"]):
+        lines += ["", CARRIED_NOTE]
     lines += ["", "Per-seed values, run folders and resolved configs are in the .json beside this file. "
               "Runs are reused when a finished run with the same config is found under the runs folder, "
               "and interrupted ones resumed (wall s marked * is training seconds: the run was resumed or "

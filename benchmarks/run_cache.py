@@ -8,6 +8,10 @@ the same too: a run records a fingerprint of its dataset folder's files (and ext
 manifest) in benchmark.json and matches only while they are unchanged (a regenerated demo or
 re-extracted features invalidate older runs); a run that has no fingerprint yet (one still
 training) is taken to be on the current data.
+
+A results table keeps its runs' records in its .json, so a table outlives the run folders it was made
+from (another machine, a cleaned runs folder): `--report-only` carries a record over from the
+earlier table when no run folder for it is here (`earlier_records`, `carried_record`).
 """
 from __future__ import annotations
 
@@ -28,6 +32,8 @@ from athwe.utils import hash_file
 #: (section, key) pairs that do not change what a run computes
 IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir")]
 BENCH_FILE = "benchmark.json"
+#: 2: the manifest enters the data fingerprint without its timing fields (1: byte for byte)
+FINGERPRINT_SCHEME = 2
 
 
 def result_key(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -143,10 +149,51 @@ def finished(run: Path) -> dict[str, Any] | None:
     return record
 
 
+def earlier_records(out: str | Path) -> list[dict[str, Any]]:
+    """The run records of the table last written to `<out>.json` (every row's runs); [] when there
+    is none or it cannot be read."""
+    try:
+        table = json.loads(Path(str(out) + ".json").read_text())
+    except (OSError, ValueError):
+        return []
+    rows = table.get("rows", []) if isinstance(table, dict) else []
+    return [run for row in rows if isinstance(row, dict) for run in row.get("runs", [])
+            if isinstance(run, dict) and isinstance(run.get("config"), dict) and "test" in run]
+
+
+def carried_record(cfg: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The earlier table's record of a run trained with `cfg` (newest last), marked `carried`, or
+    None. A record whose data fingerprint was taken with the current scheme must match the current
+    data; an older record's fingerprint hashed the feature manifest byte for byte (timings
+    included), which cannot be compared once features were extracted again, so it is taken on its
+    config."""
+    want = result_key(cfg)
+    current = data_fingerprint(cfg)
+    for rec in reversed(earlier):
+        if result_key(rec["config"]) != want:
+            continue
+        saved = rec.get("data_fingerprint")
+        if rec.get("fingerprint_scheme") == FINGERPRINT_SCHEME and None not in (saved, current) and saved != current:
+            continue
+        return {**rec, "carried": True}
+    return None
+
+
+CARRIED_NOTE = ("Seeds marked † are carried over from the earlier version of this table: their run folders are not "
+                "on the machine that wrote it, so their records (metrics, config, data fingerprint) were taken from "
+                "its .json.")
+
+
+def seeds_cell(runs: list[dict[str, Any]]) -> str:
+    """A table's seeds cell: the seeds of a row's runs, † after those carried over."""
+    return ",".join(f"{x['seed']}{'†' if x.get('carried') else ''}" for x in runs)
+
+
 def save_record(run: Path, record: dict[str, Any]) -> None:
     """Write `record` to the run's benchmark.json, with the fingerprint of the data it was trained on."""
     cfg = yaml.safe_load((run / "config.yaml").read_text())
-    record = {**record, "data_fingerprint": data_fingerprint(cfg if isinstance(cfg, dict) else {})}
+    record = {**record, "data_fingerprint": data_fingerprint(cfg if isinstance(cfg, dict) else {}),
+              "fingerprint_scheme": FINGERPRINT_SCHEME}
     tmp = run / (BENCH_FILE + ".tmp")
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     tmp.replace(run / BENCH_FILE)
@@ -194,7 +241,8 @@ def add_reuse_args(ap: argparse.ArgumentParser) -> None:
                     help="train every run anew (default: reuse finished runs with the same config under "
                          "--runs-dir and resume interrupted ones)")
     ap.add_argument("--report-only", action="store_true",
-                    help="train nothing: tabulate the finished runs found under --runs-dir (seeds without one "
+                    help="train nothing: tabulate the finished runs found under --runs-dir, and the earlier "
+                         "table's records (--out .json) of runs whose folders are not here (seeds without either "
                          "are left out)")
     ap.add_argument("--quiet", action="store_true",
                     help="do not print the trainer's line per epoch (loss, validation metric, seconds)")

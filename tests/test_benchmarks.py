@@ -309,3 +309,94 @@ def test_test_ranks_reproduce_the_runs_metric_and_are_cached(tiny_data_dir, tmp_
     u, mean = row_ndcg(runs, 10)
     assert torch.equal(u, users.sort().values) and len(mean) == len(users)
     assert compare_rows([{"run_dir": runs[0]}], [{"run_dir": runs[0]}])["rel"] == 0.0
+
+
+def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch, capsys):
+    """A table outlives its run folders: --report-only keeps the earlier .json's records of runs not
+    found here (marked †), adds runs that are here, and does not carry a record trained on other data."""
+    import reproduce
+    from run_cache import FINGERPRINT_SCHEME, carried_record, data_fingerprint, earlier_records
+
+    runs = tmp_path / "runs"
+    flags = {"train.runs_dir": str(runs), "data.max_seq_length": 200}
+    for seed in (1, 2):
+        cfg = resolve_config("wearec", "LastFM", flags={**flags, "train.seed": seed}).to_dict()
+        _run(runs, f"wearec-{seed}", cfg, True, seed)
+        rec = json.loads((runs / f"wearec-{seed}" / "results.json").read_text())
+        rec["test"] = {m: 0.1 * seed for m in reproduce.METRICS}
+        rec["header"] = {"preset": "bsarec", "history": "zero"}
+        (runs / f"wearec-{seed}" / "results.json").write_text(json.dumps(rec))
+    out = tmp_path / "table"
+    argv = ["reproduce.py", "--models", "wearec", "--datasets", "LastFM", "--seeds", "1,2", "--runs-dir", str(runs),
+            "--set", "data.max_seq_length=200", "--report-only", "--out", str(out)]
+    monkeypatch.setattr(sys, "argv", argv)
+    reproduce.main()
+    assert "| 1,2 | 0.1500 ± 0.0707 |" in (tmp_path / "table.md").read_text()
+    import shutil
+
+    shutil.rmtree(runs / "wearec-1")  # another machine: seed 1's folder is gone, seed 2's is here
+    capsys.readouterr()
+    reproduce.main()
+    md = (tmp_path / "table.md").read_text()
+    assert "| 1†,2 | 0.1500 ± 0.0707 |" in md and "Seeds marked † are carried over" in md
+    assert "seed 1: carried over from" in capsys.readouterr().out
+    kept = json.loads((tmp_path / "table.json").read_text())["rows"][0]["runs"]
+    assert [(x["seed"], bool(x.get("carried"))) for x in kept] == [(1, True), (2, False)]
+    reproduce.main()  # carried again from the table it wrote itself
+    assert "| 1†,2 | 0.1500 ± 0.0707 |" in (tmp_path / "table.md").read_text()
+    # without --report-only nothing is carried (a training run would train seed 1 again)
+    assert earlier_records(tmp_path / "missing") == []
+    # a record fingerprinted with the current scheme is carried only while the data is the same
+    data = tmp_path / "data" / "LastFM"
+    data.mkdir(parents=True)
+    (data / "LastFM.txt").write_text("1 1 2 3\n")
+    cfg = resolve_config("wearec", "LastFM", flags={**flags, "train.seed": 1, "data.data_dir": str(tmp_path / "data")}).to_dict()
+    rec = {"run_dir": "gone", "config": cfg, "test": {}, "data_fingerprint": data_fingerprint(cfg),
+           "fingerprint_scheme": FINGERPRINT_SCHEME}
+    assert carried_record(cfg, [rec])["carried"]
+    (data / "LastFM.txt").write_text("1 1 2 4\n")
+    assert carried_record(cfg, [rec]) is None
+    assert carried_record(cfg, [{**rec, "fingerprint_scheme": None}]) is not None  # older scheme: taken on config
+    other = resolve_config("wearec", "LastFM", flags={**flags, "train.seed": 3}).to_dict()
+    assert carried_record(other, [rec]) is None
+
+
+def test_paired_comparisons_survive_the_run_folders(tiny_data_dir, tmp_path):
+    """The final write keeps each run's test ranks beside the table; without the folders the same
+    comparison is computed from them. A pair with no ranks keeps the earlier figures only while both
+    rows hold the same runs, else it is left out and the table says so."""
+    import shutil
+
+    import athwe_ml100k
+    from conftest import TINY_MODEL
+    from paired import compare_rows, load_stored, stored_path
+    from run_cache import finished, train_or_reuse
+
+    rows = []
+    for variant, model in (("ATHWE", "sasrec"), ("WEARec", "wearec")):
+        runs = []
+        for seed in (1, 2):
+            cfg = resolve_config(model, "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()], flags={
+                "data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"), "data.max_seq_length": 8,
+                "train.batch_size": 32, "train.epochs": 1, "train.seed": seed})
+            runs.append({**finished(train_or_reuse(cfg)[0]), "seed": seed})
+        rows.append({"variant": variant, "model": "athwe" if variant == "ATHWE" else model, "runs": runs})
+    before = compare_rows(rows[0]["runs"], rows[1]["runs"])
+    out = str(tmp_path / "table")
+    meta = {"command": "x", "dataset": "tiny", "seeds": [1, 2], "device": "cpu", "threads": 1, "load_avg": [0, 0, 0]}
+    athwe_ml100k.write(out, meta, rows)
+    stored = load_stored(out)
+    assert sorted(stored) == sorted(Path(x["run_dir"]).name for r in rows for x in r["runs"])
+    earlier = json.loads(Path(out + ".json").read_text())
+    shutil.rmtree(tmp_path / "runs")
+    pairs, missing = athwe_ml100k.paired_rows(rows, stored)
+    assert not missing and pairs[0]["rel"] == before["rel"] and pairs[0]["lo"] == before["lo"]
+    # no stored ranks: the earlier figures while the rows are unchanged, marked carried
+    pairs, missing = athwe_ml100k.paired_rows(rows, {}, earlier)
+    assert pairs[0]["carried"] and pairs[0]["rel"] == before["rel"] and not missing
+    fewer = [rows[0], {**rows[1], "runs": rows[1]["runs"][:1]}]
+    pairs, missing = athwe_ml100k.paired_rows(fewer, {}, earlier)
+    assert pairs == [] and missing and "no stored test ranks" in missing[0]
+    stored_path(out).unlink()
+    athwe_ml100k.write(out, meta, fewer, earlier=earlier)
+    assert "Not compared (no per-user test ranks for a run): ATHWE vs WEARec" in Path(out + ".md").read_text()
