@@ -283,6 +283,38 @@ def test_training_notes_flag_time_buckets_that_carry_no_signal():
     assert make({"time_routing": False, "phcl_weight": 0.0}).training_notes(_samples(gap_seconds=20.0)) == []
 
 
+def test_auto_time_scale_is_the_median_positive_gap_and_is_saved_with_the_model():
+    model = make({"time_scale": "auto", "hidden_dropout": 0.0, "attn_dropout": 0.0})
+    with pytest.raises(AthweError, match="time_scale is 'auto' and not resolved"):
+        model.scores(batch())
+    train = _samples(gap_seconds=20.0)
+    train.timestamps[:3, -1] = train.timestamps[:3, -2]  # three zero gaps: left out of the median
+    model.prepare(train)
+    assert model.time_scale == 20.0
+    notes = model.training_notes(train)
+    assert notes == ["athwe: time_scale auto = 20 s (median positive gap of the training data)"]
+    # the resolved scale travels in the state dict: a fresh "auto" model scores the same after loading
+    model.eval()
+    again = make({"time_scale": "auto", "hidden_dropout": 0.0, "attn_dropout": 0.0}).eval()
+    again.load_state_dict(model.state_dict())
+    assert again.time_scale == 20.0
+    with torch.no_grad():
+        torch.testing.assert_close(again.scores(batch()), model.scores(batch()))
+    # a checkpoint saved before the scale was kept loads with the configured one
+    old = {k: v for k, v in make().state_dict().items() if k != "time_scale_s"}
+    fixed = make({"time_scale": 60.0})
+    fixed.load_state_dict({**old, "feature_fingerprint": fixed.feature_fingerprint})
+    assert fixed.time_scale == 60.0
+    # no positive gap at all (no timestamps): the reference scale, and the note says so
+    flat = make({"time_scale": "auto"})
+    flat.prepare(_samples(gap_seconds=0.0))
+    assert flat.time_scale == 1.5e7
+    with pytest.raises(ConfigError, match="time_scale must be a number of seconds or 'auto'"):
+        make({"time_scale": "soon"})
+    with pytest.raises(ConfigError, match="time_scale > 0"):
+        make({"time_scale": -1.0})
+
+
 @pytest.mark.parametrize("n", [50, 37, 8, 200])
 def test_wavelet_alignment_at_any_length(n):
     fusion = WaveletAlign(3, 8, 4, "db4", [0.1, 1.0, 1.0], 0.5)
@@ -342,6 +374,14 @@ def test_cpu_training_run_and_reload(tmp_path):
     assert again["test"] == pytest.approx(results["test"])
     state = torch.load(run / "best.pt", weights_only=True)
     assert "moe.experts" in state and "moe.shared" in state
+    # time_scale auto: resolved from the training gaps when training starts, kept in the checkpoint,
+    # so evaluating the run later gives the same figures
+    auto = resolve_config("athwe", "tiny", overrides=overrides + ["model_args.time_scale=auto"], flags=flags)
+    heard: list[str] = []
+    run, results = tr.train(auto, run_dir=tmp_path / "auto", printer=heard.append, progress=False)
+    scale = float(torch.load(run / "best.pt", weights_only=True)["time_scale_s"])
+    assert 0.0 < scale < 1e12 and any("time_scale auto = " in line for line in heard)
+    assert tr.evaluate_run(run)["test"] == pytest.approx(results["test"])
 
 
 def test_training_after_a_first_call_in_inference_mode():

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athwe.dataset.sequences import format_seconds
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
@@ -48,6 +49,8 @@ from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_
 
 MODALITIES = ("id", "text", "image")
 FEATURE_MODALITIES = ("text", "image")
+#: the reference's gap scale in seconds (months: suited to review data)
+REFERENCE_TIME_SCALE = 1.5e7
 
 
 @dataclass
@@ -69,7 +72,9 @@ class ATHWEConfig(EncoderConfig):
     cosine_lambda: float = 1.0
     diversity_weight: float = 0.9
     time_span: int = 200
-    time_scale: float = 1.5e7
+    #: seconds; "auto": the median positive gap of the training data (resolved in `prepare`, saved
+    #: with the model)
+    time_scale: float | str = REFERENCE_TIME_SCALE
     temperature: float = 0.1
     idcl_weight: float = 1.0
     cp_weight: float = 1.0
@@ -95,6 +100,15 @@ class ATHWEConfig(EncoderConfig):
             if typ in (int, float, bool, str) and (isinstance(value, bool) != (typ is bool) or not isinstance(value, typ)):
                 raise ConfigError(f"athwe: {f.name} must be {typ.__name__}, got {value!r}")
             setattr(self, f.name, value)
+        ts = self.time_scale
+        if isinstance(ts, str) and ts != "auto":
+            try:
+                ts = float(ts)
+            except ValueError:
+                raise ConfigError(f"athwe: time_scale must be a number of seconds or 'auto', got {ts!r}") from None
+        if isinstance(ts, bool) or not isinstance(ts, (int, float, str)):
+            raise ConfigError(f"athwe: time_scale must be a number of seconds or 'auto', got {ts!r}")
+        self.time_scale = ts if isinstance(ts, str) else float(ts)
         mods = list(self.modalities) if isinstance(self.modalities, (list, tuple)) else None
         if not mods or len(set(mods)) != len(mods) or any(m not in MODALITIES for m in mods):
             raise ConfigError(f"athwe: modalities must be a non-empty subset of {list(MODALITIES)}, got {self.modalities!r}")
@@ -110,7 +124,7 @@ class ATHWEConfig(EncoderConfig):
         if self.routed_experts < 1 or not 1 <= self.moe_topk <= self.routed_experts or self.shared_experts < 0:
             raise ConfigError(f"athwe: need 1 <= moe_topk ({self.moe_topk}) <= routed_experts ({self.routed_experts}) "
                               f"and shared_experts >= 0 ({self.shared_experts})")
-        if self.time_span < 1 or self.time_scale <= 0:
+        if self.time_span < 1 or (self.time_scale != "auto" and self.time_scale <= 0):
             raise ConfigError(f"athwe: time_span must be >= 1 and time_scale > 0, got {self.time_span}, {self.time_scale}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"athwe: beta must be in [0, 1], got {self.beta}")
@@ -298,7 +312,7 @@ class ATHWE(SequentialRecommender):
 
         fingerprint = self._register_features(features, n_items)
         self.register_buffer("feature_fingerprint", _fingerprint_tensor(fingerprint))
-        self.register_load_state_dict_pre_hook(self._check_fingerprint)
+        self.register_load_state_dict_pre_hook(self._before_load)
 
         # 1. inputs
         if "id" in self.modalities:
@@ -315,6 +329,9 @@ class ATHWE(SequentialRecommender):
         self.tcl_modalities = [m for m in self.modalities if m in FEATURE_MODALITIES] if c.phcl_weight > 0 else []
         if (c.moe and c.time_routing) or self.tcl_modalities:
             self.time_embedding = nn.Embedding(c.time_span + 10, h)
+        auto = c.time_scale == "auto"
+        self.register_buffer("time_scale_s", torch.tensor(float("nan") if auto else c.time_scale, dtype=torch.float64))
+        self._time_scale: float | None = None if auto else float(c.time_scale)
         if c.moe:
             if c.time_routing:
                 self.time_routing = nn.Linear(h, n_mod * h)
@@ -390,13 +407,21 @@ class ATHWE(SequentialRecommender):
             parts.append(content_fingerprint(cat, None))
         return "-".join(parts)
 
-    def _check_fingerprint(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+    def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
+        """Refuse a checkpoint trained on other features; take its resolved time scale (a checkpoint
+        saved before the scale was kept with the model gets the configured one)."""
         saved = state_dict.get(prefix + "feature_fingerprint")
         if saved is not None and not torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
             got = bytes(saved.cpu().tolist()).decode("utf-8", "replace") or "none"
             mine = bytes(self.feature_fingerprint.cpu().tolist()).decode("utf-8", "replace") or "none"
             raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features are {mine} "
                              f"(re-extracted since?)")
+        key = prefix + "time_scale_s"
+        if key not in state_dict:
+            state_dict[key] = self.time_scale_s.detach().clone()
+        value = float(state_dict[key])
+        if value == value:  # not NaN: resolved
+            self._time_scale = value
 
     def ensure_cluster_labels(self) -> None:
         """Compute (or load from the cache) the K-medoids pseudo-labels the cluster loss needs."""
@@ -413,7 +438,35 @@ class ATHWE(SequentialRecommender):
                                         sample_size=c.cluster_sample)
                 setattr(self, f"{m}_labels", labels.to(raw.device))
 
+    @property
+    def time_scale(self) -> float:
+        """The gap scale of the time buckets in seconds: the configured one, or for "auto" the one
+        resolved from the training data (`prepare`) or read from a checkpoint."""
+        if self._time_scale is None:
+            raise AthweError("athwe: model_args.time_scale is 'auto' and not resolved yet: it is taken from the "
+                             "training data when training starts, or from a trained checkpoint")
+        return self._time_scale
+
+    @staticmethod
+    def _train_gaps(train: SampleSet) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(the last two input positions' timestamps, their item ids) of the training samples whose
+        last two items are real: the gap into each training interaction, once each; None if none."""
+        if train.input_ids.shape[1] < 2:
+            return None
+        ids, ts = train.input_ids[:, -2:], train.timestamps[:, -2:]
+        real = (ids > 0).all(1)
+        if not bool(real.any()):
+            return None
+        return ts[real], ids[real]
+
     def prepare(self, train: SampleSet) -> None:
+        if self._time_scale is None:  # "auto": the median positive gap (the reference scale without any)
+            pair = self._train_gaps(train)
+            gaps = (pair[0][:, 1] - pair[0][:, 0]) if pair is not None else torch.zeros(0)
+            gaps = gaps[gaps > 0]
+            value = float(gaps.double().median()) if len(gaps) else REFERENCE_TIME_SCALE
+            self.time_scale_s.fill_(value)
+            self._time_scale = value
         self.ensure_cluster_labels()
 
     def training_notes(self, train: SampleSet) -> list[str]:
@@ -421,24 +474,27 @@ class ATHWE(SequentialRecommender):
         time_scale does not suit the dataset's gaps (or it has no timestamps): the time embedding
         then carries no signal into the expert routing and the temporal-contrast placeholders."""
         c = self.config
-        if not ((c.moe and c.time_routing) or self.tcl_modalities) or train.input_ids.shape[1] < 2:
+        pair = self._train_gaps(train)
+        if not ((c.moe and c.time_routing) or self.tcl_modalities) or pair is None:
             return []
-        ids, ts = train.input_ids[:, -2:], train.timestamps[:, -2:]
-        real = (ids > 0).all(1)  # the gap into each sample's last item, once per training interaction
-        if not bool(real.any()):
-            return []
-        gaps = (ts[real, 1] - ts[real, 0]).clamp(min=0.0)
-        bucket = time_buckets(ts[real], ids[real] > 0, c.time_span, c.time_scale)[:, 1]
+        ts, ids = pair
+        notes = []
+        if c.time_scale == "auto":
+            notes.append(f"athwe: time_scale auto = {format_seconds(self.time_scale)} (median positive gap of the "
+                         "training data)")
+        gaps = (ts[:, 1] - ts[:, 0]).clamp(min=0.0)
+        bucket = time_buckets(ts, ids > 0, c.time_span, self.time_scale)[:, 1]
         uses = " and ".join(u for u, on in (("expert routing", c.moe and c.time_routing),
                                              ("temporal-contrast placeholders", bool(self.tcl_modalities))) if on)
         for value, where in ((0, "the lowest"), (c.time_span, "the top")):
             share = float((bucket == value).double().mean())
             if share >= 0.9:
-                return [f"athwe: {share:.0%} of the training gaps fall in {where} time bucket at model_args.time_scale "
-                        f"{c.time_scale:g} s (median gap {float(gaps.median()):g} s), so the time embedding ({uses}) "
-                        f"is nearly constant; set time_scale near the dataset's typical gap "
-                        f"(`athwe data info` lists them; BSARec .txt data have no timestamps)"]
-        return []
+                return notes + [
+                    f"athwe: {share:.0%} of the training gaps fall in {where} time bucket at model_args.time_scale "
+                    f"{self.time_scale:g} s (median gap {float(gaps.median()):g} s), so the time embedding ({uses}) "
+                    f"is nearly constant; set time_scale near the dataset's typical gap, or to auto "
+                    f"(`athwe data info` lists them; BSARec .txt data have no timestamps)"]
+        return notes
 
     # -- forward -----------------------------------------------------------------------------
     def item_tables(self) -> dict[str, torch.Tensor]:
@@ -478,7 +534,7 @@ class ATHWE(SequentialRecommender):
             x = self.fusion(x)
         tau = None
         if hasattr(self, "time_embedding"):
-            tau = self.time_embedding(time_buckets(ts, valid, c.time_span, c.time_scale))
+            tau = self.time_embedding(time_buckets(ts, valid, c.time_span, self.time_scale))
         diversity = None
         if c.moe:
             flat = x.reshape(b * n, -1)
