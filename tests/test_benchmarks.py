@@ -211,18 +211,23 @@ def test_reproduction_tables_compare_at_the_same_sequence_length():
     assert [(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "bce")] == [("published", True)]
 
 
-def test_reproduce_report_only_tabulates_finished_runs(tmp_path, monkeypatch, capsys):
-    """reproduce.py --report-only trains nothing; the published row is the one for the run's N."""
-    import reproduce
-
-    runs = tmp_path / "runs"
+def _wearec_n200_runs(runs: Path, metrics: list[str]) -> Path:
+    """Two finished WEARec LastFM N=200 runs (seeds 1 and 2, every test metric 0.1 x seed)."""
     for seed in (1, 2):
         cfg = resolve_config("wearec", "LastFM", flags={"train.seed": seed, "data.max_seq_length": 200}).to_dict()
         _run(runs, f"wearec-{seed}", cfg, True, seed)
         rec = json.loads((runs / f"wearec-{seed}" / "results.json").read_text())
-        rec["test"] = {m: 0.1 * seed for m in reproduce.METRICS}
+        rec["test"] = {m: 0.1 * seed for m in metrics}
         rec["header"] = {"preset": "bsarec", "history": "zero"}
         (runs / f"wearec-{seed}" / "results.json").write_text(json.dumps(rec))
+    return runs
+
+
+def test_reproduce_report_only_tabulates_finished_runs(tmp_path, monkeypatch, capsys):
+    """reproduce.py --report-only trains nothing; the published row is the one for the run's N."""
+    import reproduce
+
+    runs = _wearec_n200_runs(tmp_path / "runs", reproduce.METRICS)
     out = tmp_path / "table"
     argv = ["reproduce.py", "--models", "wearec", "--datasets", "LastFM", "--seeds", "1,2,3", "--runs-dir", str(runs),
             "--set", "data.max_seq_length=200", "--report-only", "--out", str(out)]
@@ -317,15 +322,8 @@ def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch,
     import reproduce
     from run_cache import FINGERPRINT_SCHEME, carried_record, data_fingerprint, earlier_records
 
-    runs = tmp_path / "runs"
+    runs = _wearec_n200_runs(tmp_path / "runs", reproduce.METRICS)
     flags = {"train.runs_dir": str(runs), "data.max_seq_length": 200}
-    for seed in (1, 2):
-        cfg = resolve_config("wearec", "LastFM", flags={**flags, "train.seed": seed}).to_dict()
-        _run(runs, f"wearec-{seed}", cfg, True, seed)
-        rec = json.loads((runs / f"wearec-{seed}" / "results.json").read_text())
-        rec["test"] = {m: 0.1 * seed for m in reproduce.METRICS}
-        rec["header"] = {"preset": "bsarec", "history": "zero"}
-        (runs / f"wearec-{seed}" / "results.json").write_text(json.dumps(rec))
     out = tmp_path / "table"
     argv = ["reproduce.py", "--models", "wearec", "--datasets", "LastFM", "--seeds", "1,2", "--runs-dir", str(runs),
             "--set", "data.max_seq_length=200", "--report-only", "--out", str(out)]
