@@ -36,7 +36,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  # noqa: E402
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
-                       epoch_printer, finished_run, record_of, seeds_cell, train_or_reuse, training_command)
+                       epoch_printer, finished_run, record_of, seeds_cell, speed_cell, train_or_reuse, training_command)
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -195,7 +195,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
         lines.append(f"| {r['variant']} | {seeds_cell(runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
-                     f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {max(mem):.0f} ({kind})"
+                     f"{speed_cell(runs)} | {max(mem):.0f} ({kind})"
                      f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
     pairs, missing = paired_rows(rows, stored, earlier) if final else ([], [])
     if final:

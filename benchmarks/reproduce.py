@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import ROW_NOTES, comparisons  # noqa: E402
 
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
-                       epoch_printer, finished_run, record_of, seeds_cell, train_or_reuse, training_command)
+                       epoch_printer, finished_run, record_of, seeds_cell, speed_cell, train_or_reuse, training_command)
 
 from athwe.config import resolve_config  # noqa: E402
 
@@ -99,7 +99,7 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
         lines.append(f"| {r['dataset']} | {name} | {r['loss']} | {h['preset']} / {h['history']} / {n} | "
                      f"{seeds_cell(runs)} | " + " | ".join(cells) +
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
-                     f"{statistics.mean(x['samples_per_s'] for x in runs):.0f} | {sum(x['wall_s'] for x in runs):.0f}"
+                     f"{speed_cell(runs)} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}
         for label, pub, comparable in comparisons(r["dataset"], r["model"], n, r["loss"], model_args):

@@ -20,6 +20,7 @@ import copy
 import hashlib
 import json
 import shlex
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -181,12 +182,22 @@ def carried_record(cfg: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[s
 
 CARRIED_NOTE = ("Seeds marked † are carried over from the earlier version of this table: their run folders are not "
                 "on the machine that wrote it, so their records (metrics, config, data fingerprint) were taken from "
-                "its .json.")
+                "its .json. A row that mixes carried and new seeds lists samples/s per seed, as they were measured "
+                "on different machines.")
 
 
 def seeds_cell(runs: list[dict[str, Any]]) -> str:
     """A table's seeds cell: the seeds of a row's runs, † after those carried over."""
     return ",".join(f"{x['seed']}{'†' if x.get('carried') else ''}" for x in runs)
+
+
+def speed_cell(runs: list[dict[str, Any]]) -> str:
+    """A table's samples/s cell: the mean over a row's runs, or each run's figure when the row mixes
+    carried-over and new runs (measured on different machines, so not averaged)."""
+    speeds = [x["samples_per_s"] for x in runs]
+    if len({bool(x.get("carried")) for x in runs}) > 1:
+        return ",".join(f"{v:.0f}" for v in speeds)
+    return f"{statistics.mean(speeds):.0f}"
 
 
 def save_record(run: Path, record: dict[str, Any]) -> None:

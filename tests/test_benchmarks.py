@@ -337,6 +337,7 @@ def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch,
     reproduce.main()
     md = (tmp_path / "table.md").read_text()
     assert "| 1†,2 | 0.1500 ± 0.0707 |" in md and "Seeds marked † are carried over" in md
+    assert "| 3,3 | 5,5 | 100,100 | " in md  # samples/s per seed when carried and new runs mix
     assert "seed 1: carried over from" in capsys.readouterr().out
     kept = json.loads((tmp_path / "table.json").read_text())["rows"][0]["runs"]
     assert [(x["seed"], bool(x.get("carried"))) for x in kept] == [(1, True), (2, False)]
