@@ -33,8 +33,10 @@ from athwe.utils import hash_file
 #: (section, key) pairs that do not change what a run computes
 IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir")]
 BENCH_FILE = "benchmark.json"
-#: 2: the manifest enters the data fingerprint without its timing fields (1: byte for byte)
-FINGERPRINT_SCHEME = 2
+#: how data fingerprints are taken (the manifest of extracted features): 1 byte for byte; 2 without
+#: its timing fields; 3 also without the paths it names (where the text model was loaded from, the
+#: interaction file), which differ between checkouts of the same data
+FINGERPRINT_SCHEME = 3
 
 
 def result_key(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -58,41 +60,56 @@ def data_files(cfg: dict[str, Any]) -> list[Path]:
 
 #: manifest fields that record when and how fast features were extracted, not what they are
 VOLATILE_MANIFEST_KEYS = ("written", "seconds", "items_per_s", "images_per_s")
+#: manifest fields that name paths on the machine that extracted them
+PATH_MANIFEST_KEYS = ("path", "source")
 
 
-def _stable_manifest(value: Any) -> Any:
+def _stable_manifest(value: Any, drop: tuple[str, ...] = VOLATILE_MANIFEST_KEYS) -> Any:
     if isinstance(value, dict):
-        return {k: _stable_manifest(v) for k, v in value.items() if k not in VOLATILE_MANIFEST_KEYS}
+        return {k: _stable_manifest(v, drop) for k, v in value.items() if k not in drop}
     if isinstance(value, list):
-        return [_stable_manifest(v) for v in value]
+        return [_stable_manifest(v, drop) for v in value]
     return value
 
 
-def data_fingerprint(cfg: dict[str, Any], legacy: bool = False) -> str | None:
-    """A hash of the files a run's data comes from (data_files). The feature manifest enters
-    without its timing fields, so features extracted again with the same models and settings keep
-    the fingerprint; `legacy` hashes the manifest's bytes as older benchmark records did."""
+def data_fingerprints(cfg: dict[str, Any]) -> dict[int, str | None]:
+    """The data fingerprint under every scheme (FINGERPRINT_SCHEME's comment): a hash of the files a
+    run's data comes from (data_files), the feature manifest last. From scheme 2 on the manifest
+    enters as its JSON without timing fields, so features extracted again with the same models and
+    settings keep the fingerprint; scheme 3 also leaves out its paths. None where there are no files."""
     files = data_files(cfg)
     if not files:
-        return None
+        return dict.fromkeys(range(1, FINGERPRINT_SCHEME + 1))
+    manifest = files[-1] if files[-1].parent.name == "features" else None
     h = hashlib.sha256()
-    for f in files:
+    for f in files if manifest is None else files[:-1]:
         h.update(f.name.encode() + b"\0")
-        if f.name == "manifest.json" and not legacy:
+        hash_file(f, h)
+    out: dict[int, str | None] = {}
+    for scheme in range(1, FINGERPRINT_SCHEME + 1):
+        g = h.copy()
+        if manifest is not None:
+            g.update(manifest.name.encode() + b"\0")
             try:
-                stable = _stable_manifest(json.loads(f.read_text()))
+                if scheme == 1:
+                    raise ValueError
+                drop = VOLATILE_MANIFEST_KEYS + (PATH_MANIFEST_KEYS if scheme >= 3 else ())
+                g.update(json.dumps(_stable_manifest(json.loads(manifest.read_text()), drop), sort_keys=True).encode())
             except (OSError, ValueError):
-                hash_file(f, h)
-                continue
-            h.update(json.dumps(stable, sort_keys=True).encode())
-        else:
-            hash_file(f, h)
-    return h.hexdigest()[:16]
+                hash_file(manifest, g)
+        out[scheme] = g.hexdigest()[:16]
+    return out
+
+
+def data_fingerprint(cfg: dict[str, Any], legacy: bool = False) -> str | None:
+    """The data fingerprint under the current scheme (`legacy`: scheme 1, byte for byte, as the
+    oldest benchmark records hold it)."""
+    return data_fingerprints(cfg)[1 if legacy else FINGERPRINT_SCHEME]
 
 
 def _same_data(run: Path, fingerprints: tuple[str | None, ...]) -> bool:
-    """Whether the run's recorded data fingerprint is one of `fingerprints` (current and legacy
-    schemes); a run without one, or data that cannot be fingerprinted, counts as the same."""
+    """Whether the run's recorded data fingerprint is one of `fingerprints` (those of every scheme);
+    a run without one, or data that cannot be fingerprinted, counts as the same."""
     path = run / BENCH_FILE
     saved = json.loads(path.read_text()).get("data_fingerprint") if path.is_file() else None
     return saved is None or None in fingerprints or saved in fingerprints
@@ -102,7 +119,7 @@ def find_run(cfg: dict[str, Any], runs_dir: str | Path) -> Path | None:
     """The newest run folder under `runs_dir` trained with `cfg` on the same data (finished ones
     first), or None."""
     want = result_key(cfg)
-    fingerprint = (data_fingerprint(cfg), data_fingerprint(cfg, legacy=True))
+    fingerprint = tuple(data_fingerprints(cfg).values())
     root = Path(runs_dir)
     if not root.is_dir():
         return None
@@ -165,9 +182,9 @@ def earlier_records(out: str | Path) -> list[dict[str, Any]]:
 def carried_record(cfg: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[str, Any] | None:
     """The earlier table's record of a run trained with `cfg` (newest last), marked `carried`, or
     None. A record whose data fingerprint was taken with the current scheme must match the current
-    data; an older record's fingerprint hashed the feature manifest byte for byte (timings
-    included), which cannot be compared once features were extracted again, so it is taken on its
-    config."""
+    data. An older record's fingerprint named where the features were extracted (paths, and
+    before that the extraction time), so it cannot be compared on another machine: it is taken
+    on its config."""
     want = result_key(cfg)
     current = data_fingerprint(cfg)
     for rec in reversed(earlier):

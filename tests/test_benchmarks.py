@@ -356,6 +356,18 @@ def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch,
     (data / "LastFM.txt").write_text("1 1 2 4\n")
     assert carried_record(cfg, [rec]) is None
     assert carried_record(cfg, [{**rec, "fingerprint_scheme": None}]) is not None  # older scheme: taken on config
+    # features extracted in another checkout: only the paths in their manifest differ, the record still matches
+    (data / "features").mkdir()
+    manifest = {"version": 1, "text": {"model": {"name": "minilm", "path": "/a/.venv/minilm"}, "sha256": "ab"},
+                "item_map": {"source": "/a/data/LastFM/LastFM.txt", "n_items": 3}}
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    rec = {**rec, "data_fingerprint": data_fingerprint(cfg)}
+    manifest["text"]["model"]["path"], manifest["item_map"]["source"] = "/b/.venv/minilm", "/b/data/LastFM/LastFM.txt"
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    assert carried_record(cfg, [rec]) is not None
+    manifest["text"]["sha256"] = "cd"  # other embeddings
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    assert carried_record(cfg, [rec]) is None
     other = resolve_config("wearec", "LastFM", flags={**flags, "train.seed": 3}).to_dict()
     assert carried_record(other, [rec]) is None
 
