@@ -199,8 +199,8 @@ def carried_record(cfg: dict[str, Any], earlier: list[dict[str, Any]]) -> dict[s
 
 CARRIED_NOTE = ("Seeds marked † are carried over from the earlier version of this table: their run folders are not "
                 "on the machine that wrote it, so their records (metrics, config, data fingerprint) were taken from "
-                "its .json. A row that mixes carried and new seeds lists samples/s per seed, as they were measured "
-                "on different machines.")
+                "its .json, and their samples/s and peak memory are those of the machine that trained them. A row "
+                "that mixes carried and new seeds lists samples/s per seed.")
 
 
 def seeds_cell(runs: list[dict[str, Any]]) -> str:
