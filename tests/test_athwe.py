@@ -283,21 +283,23 @@ def test_training_notes_flag_time_buckets_that_carry_no_signal():
     assert make({"time_routing": False, "phcl_weight": 0.0}).training_notes(_samples(gap_seconds=20.0)) == []
 
 
-def test_auto_time_scale_is_the_median_positive_gap_and_is_saved_with_the_model():
+def test_auto_time_scale_is_a_high_quantile_of_the_positive_gaps_and_is_saved_with_the_model():
     model = make({"time_scale": "auto", "hidden_dropout": 0.0, "attn_dropout": 0.0})
     with pytest.raises(AthweError, match="time_scale is 'auto' and not resolved"):
         model.scores(batch())
     train = _samples(gap_seconds=20.0)
-    train.timestamps[:3, -1] = train.timestamps[:3, -2]  # three zero gaps: left out of the median
+    gaps = 10.0 * torch.arange(40, dtype=torch.float64)
+    gaps[:3] = 0.0  # zero gaps are left out: 37 positive gaps 30, 40, ..., 390
+    train.timestamps[:, -1] = train.timestamps[:, -2] + gaps
     model.prepare(train)
-    assert model.time_scale == 20.0
+    assert model.time_scale == 350.0  # the 90% quantile (lower): index int(0.9 * 36) = 32
     notes = model.training_notes(train)
-    assert notes == ["athwe: time_scale auto = 20 s (median positive gap of the training data)"]
+    assert notes == ["athwe: time_scale auto = 5.8 min (90% quantile of the positive gaps in the training data)"]
     # the resolved scale travels in the state dict: a fresh "auto" model scores the same after loading
     model.eval()
     again = make({"time_scale": "auto", "hidden_dropout": 0.0, "attn_dropout": 0.0}).eval()
     again.load_state_dict(model.state_dict())
-    assert again.time_scale == 20.0
+    assert again.time_scale == 350.0
     with torch.no_grad():
         torch.testing.assert_close(again.scores(batch()), model.scores(batch()))
     # a checkpoint saved before the scale was kept loads with the configured one

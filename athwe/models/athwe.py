@@ -51,6 +51,11 @@ MODALITIES = ("id", "text", "image")
 FEATURE_MODALITIES = ("text", "image")
 #: the reference's gap scale in seconds (months: suited to review data)
 REFERENCE_TIME_SCALE = 1.5e7
+#: time_scale "auto" is this quantile of the positive training gaps: a gap at it lands in bucket
+#: round(span (1 - 1/e)), 126 of 200, so the bulk of the gaps spreads over the lower buckets and the
+#: long tail over the rest. (The median would push every gap a few times longer than typical into the
+#: top bucket: on the demo, whose gap kinds are minutes-hours, days and weeks, it merges the last two.)
+AUTO_TIME_QUANTILE = 0.9
 
 
 @dataclass
@@ -72,8 +77,8 @@ class ATHWEConfig(EncoderConfig):
     cosine_lambda: float = 1.0
     diversity_weight: float = 0.9
     time_span: int = 200
-    #: seconds; "auto": the median positive gap of the training data (resolved in `prepare`, saved
-    #: with the model)
+    #: seconds; "auto": the 90th percentile of the positive gaps in the training data (resolved in
+    #: `prepare`, saved with the model)
     time_scale: float | str = REFERENCE_TIME_SCALE
     temperature: float = 0.1
     idcl_weight: float = 1.0
@@ -460,11 +465,11 @@ class ATHWE(SequentialRecommender):
         return ts[real], ids[real]
 
     def prepare(self, train: SampleSet) -> None:
-        if self._time_scale is None:  # "auto": the median positive gap (the reference scale without any)
+        if self._time_scale is None:  # "auto" (the reference scale when no gap is positive)
             pair = self._train_gaps(train)
             gaps = (pair[0][:, 1] - pair[0][:, 0]) if pair is not None else torch.zeros(0)
-            gaps = gaps[gaps > 0]
-            value = float(gaps.double().median()) if len(gaps) else REFERENCE_TIME_SCALE
+            gaps = gaps[gaps > 0].double().sort().values
+            value = float(gaps[int(AUTO_TIME_QUANTILE * (len(gaps) - 1))]) if len(gaps) else REFERENCE_TIME_SCALE
             self.time_scale_s.fill_(value)
             self._time_scale = value
         self.ensure_cluster_labels()
@@ -480,8 +485,8 @@ class ATHWE(SequentialRecommender):
         ts, ids = pair
         notes = []
         if c.time_scale == "auto":
-            notes.append(f"athwe: time_scale auto = {format_seconds(self.time_scale)} (median positive gap of the "
-                         "training data)")
+            notes.append(f"athwe: time_scale auto = {format_seconds(self.time_scale)} ({AUTO_TIME_QUANTILE:.0%} quantile of "
+                         "the positive gaps in the training data)")
         gaps = (ts[:, 1] - ts[:, 0]).clamp(min=0.0)
         bucket = time_buckets(ts, ids > 0, c.time_span, self.time_scale)[:, 1]
         uses = " and ".join(u for u, on in (("expert routing", c.moe and c.time_routing),
