@@ -85,18 +85,22 @@ def data_fingerprints(cfg: dict[str, Any]) -> dict[int, str | None]:
     for f in files if manifest is None else files[:-1]:
         h.update(f.name.encode() + b"\0")
         hash_file(f, h)
+    parsed = None
+    if manifest is not None:
+        try:
+            parsed = json.loads(manifest.read_text())
+        except (OSError, ValueError):
+            parsed = None
     out: dict[int, str | None] = {}
     for scheme in range(1, FINGERPRINT_SCHEME + 1):
         g = h.copy()
         if manifest is not None:
             g.update(manifest.name.encode() + b"\0")
-            try:
-                if scheme == 1:
-                    raise ValueError
-                drop = VOLATILE_MANIFEST_KEYS + (PATH_MANIFEST_KEYS if scheme >= 3 else ())
-                g.update(json.dumps(_stable_manifest(json.loads(manifest.read_text()), drop), sort_keys=True).encode())
-            except (OSError, ValueError):
+            if scheme == 1 or parsed is None:  # byte for byte
                 hash_file(manifest, g)
+            else:
+                drop = VOLATILE_MANIFEST_KEYS + (PATH_MANIFEST_KEYS if scheme >= 3 else ())
+                g.update(json.dumps(_stable_manifest(parsed, drop), sort_keys=True).encode())
         out[scheme] = g.hexdigest()[:16]
     return out
 

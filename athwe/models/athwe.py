@@ -77,8 +77,8 @@ class ATHWEConfig(EncoderConfig):
     cosine_lambda: float = 1.0
     diversity_weight: float = 0.9
     time_span: int = 200
-    #: seconds; "auto": the 90th percentile of the positive gaps in the training data (resolved in
-    #: `prepare`, saved with the model)
+    #: seconds; "auto": the AUTO_TIME_QUANTILE (90%) quantile of the positive gaps in the training
+    #: data (resolved in `prepare`, saved with the model)
     time_scale: float | str = REFERENCE_TIME_SCALE
     temperature: float = 0.1
     idcl_weight: float = 1.0
