@@ -36,7 +36,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  # noqa: E402
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
-                       epoch_printer, finished_run, record_of, seeds_cell, speed_cell, train_or_reuse, training_command)
+                       epoch_printer, finished_run, read_table, record_of, seeds_cell, speed_cell, train_or_reuse,
+                       training_command)
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -102,14 +103,6 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         extra["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return record_of(run_dir, how, seconds, extra)
-
-
-def reuse(model: str, dataset: str, overrides: list[str], flags: dict[str, Any]) -> dict[str, Any] | None:
-    """The record of a finished run with this config under the runs folder, if there is one."""
-    from athwe.config import resolve_config
-
-    cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
-    return finished_run(cfg.to_dict(), cfg.train.runs_dir)
 
 
 def mean_std(vals: list[float]) -> str:
@@ -266,13 +259,8 @@ def main() -> None:
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "report_only": args.report_only, "load_avg": [round(x, 2) for x in os.getloadavg()]}
     stored = load_stored(args.out)
-    earlier_table = {}
-    if args.report_only:
-        try:
-            earlier_table = json.loads(Path(args.out + ".json").read_text())
-        except (OSError, ValueError):
-            earlier_table = {}
-    earlier = earlier_records(args.out) if args.report_only else []
+    earlier_table = read_table(args.out) if args.report_only else {}
+    earlier = earlier_records(earlier_table)
     rows = []
     for label, model, extra in VARIANTS:
         if label not in wanted:
@@ -284,9 +272,10 @@ def main() -> None:
             flags = {"data.data_dir": args.data_dir, "train.seed": seed, "train.runs_dir": args.runs_dir,
                      "train.device": args.device, "train.epochs": args.epochs,
                      "train.num_threads": args.threads or None}
-            res = None if args.fresh else reuse(model, args.dataset, overrides, flags)
+            cfg = resolve_config(model, args.dataset, overrides=overrides, flags=flags).to_dict()
+            res = None if args.fresh else finished_run(cfg, args.runs_dir)
             if res is None and earlier:
-                res = carried_record(resolve_config(model, args.dataset, overrides=overrides, flags=flags).to_dict(), earlier)
+                res = carried_record(cfg, earlier)
                 if res is not None:
                     print(f"{label} seed {seed}: carried over from {args.out}.json (run folder {res['run_dir']} not here)",
                           flush=True)

@@ -61,7 +61,7 @@ def test_ranks(run_dir: str | Path, stored: Stored | None = None) -> tuple[torch
         if stored and run.name in stored:
             return stored[run.name]
         raise FileNotFoundError(f"{run}: no checkpoint here and no stored test ranks")
-    if cache.is_file() and best.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
+    if cache.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
         saved = torch.load(cache, weights_only=True)
         return saved["users"], saved["ranks"]
     from athwe.training.trainer import evaluate_run_rows

@@ -16,7 +16,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import ROW_NOTES, comparisons  # noqa: E402
 
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
-                       epoch_printer, finished_run, record_of, seeds_cell, speed_cell, train_or_reuse, training_command)
+                       epoch_printer, finished_run, read_table, record_of, seeds_cell, speed_cell, train_or_reuse,
+                       training_command)
 
 from athwe.config import resolve_config  # noqa: E402
 
@@ -35,7 +36,7 @@ def main() -> None:
     add_reuse_args(ap)
     args = ap.parse_args()
     command = training_command()
-    earlier = earlier_records(args.out) if args.report_only else []
+    earlier = earlier_records(read_table(args.out)) if args.report_only else []
     rows = []
     for dataset in args.datasets.split(","):
         for model in args.models.split(","):

@@ -11,7 +11,7 @@ training) is taken to be on the current data.
 
 A results table keeps its runs' records in its .json, so a table outlives the run folders it was made
 from (another machine, a cleaned runs folder): `--report-only` carries a record over from the
-earlier table when no run folder for it is here (`earlier_records`, `carried_record`).
+earlier table when no run folder for it is here (`read_table`, `earlier_records`, `carried_record`).
 """
 from __future__ import annotations
 
@@ -171,15 +171,18 @@ def finished(run: Path) -> dict[str, Any] | None:
     return record
 
 
-def earlier_records(out: str | Path) -> list[dict[str, Any]]:
-    """The run records of the table last written to `<out>.json` (every row's runs); [] when there
-    is none or it cannot be read."""
+def read_table(out: str | Path) -> dict[str, Any]:
+    """The table last written to `<out>.json`; {} when there is none or it cannot be read."""
     try:
         table = json.loads(Path(str(out) + ".json").read_text())
     except (OSError, ValueError):
-        return []
-    rows = table.get("rows", []) if isinstance(table, dict) else []
-    return [run for row in rows if isinstance(row, dict) for run in row.get("runs", [])
+        return {}
+    return table if isinstance(table, dict) else {}
+
+
+def earlier_records(table: dict[str, Any]) -> list[dict[str, Any]]:
+    """The run records of a table read by `read_table` (every row's runs)."""
+    return [run for row in table.get("rows", []) if isinstance(row, dict) for run in row.get("runs", [])
             if isinstance(run, dict) and isinstance(run.get("config"), dict) and "test" in run]
 
 

@@ -320,7 +320,7 @@ def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch,
     """A table outlives its run folders: --report-only keeps the earlier .json's records of runs not
     found here (marked †), adds runs that are here, and does not carry a record trained on other data."""
     import reproduce
-    from run_cache import FINGERPRINT_SCHEME, carried_record, data_fingerprint, earlier_records
+    from run_cache import FINGERPRINT_SCHEME, carried_record, data_fingerprint, earlier_records, read_table
 
     runs = _wearec_n200_runs(tmp_path / "runs", reproduce.METRICS)
     flags = {"train.runs_dir": str(runs), "data.max_seq_length": 200}
@@ -344,7 +344,7 @@ def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch,
     reproduce.main()  # carried again from the table it wrote itself
     assert "| 1†,2 | 0.1500 ± 0.0707 |" in (tmp_path / "table.md").read_text()
     # without --report-only nothing is carried (a training run would train seed 1 again)
-    assert earlier_records(tmp_path / "missing") == []
+    assert read_table(tmp_path / "missing") == {} and earlier_records(read_table(tmp_path / "missing")) == []
     # a record fingerprinted with the current scheme is carried only while the data is the same
     data = tmp_path / "data" / "LastFM"
     data.mkdir(parents=True)
