@@ -95,11 +95,12 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
     from athwe.config import resolve_config
 
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
+    load_before = [round(x, 2) for x in os.getloadavg()]
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     say = epoch_printer(label, quiet)
     run_dir, how, seconds = train_or_reuse(cfg, fresh, log=say, printer=say)
-    extra = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    extra = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "load_avg_before": load_before}
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         extra["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return record_of(run_dir, how, seconds, extra)
@@ -164,6 +165,19 @@ def keep_ranks(out: str, rows: list[dict[str, Any]], stored: Stored) -> None:
         save_stored(out, keep)
 
 
+def load_line(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    """The table's load-average clause: the machine's load before this invocation trained, or, for a
+    table read back with --report-only, the range of the loads its runs recorded when they started."""
+    if not meta.get("report_only"):
+        return f"load average before {meta['load_avg']}"
+    loads = [x["load_avg_before"][0] for r in rows for x in r["runs"] if x.get("load_avg_before")]
+    if not loads:
+        return "the load average before each run was not recorded"
+    counted = sum(len(r["runs"]) for r in rows)
+    share = "" if len(loads) == counted else f" (recorded for {len(loads)} of its {counted} runs)"
+    return f"1-minute load average before each run {min(loads):g}-{max(loads):g}{share}"
+
+
 def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: bool = True,
           stored: Stored | None = None, earlier: dict[str, Any] | None = None) -> None:
     """The table and its .json; the paired comparisons (which evaluate every run's checkpoint, and
@@ -176,7 +190,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
              f"Protocol: {h.get('preset', '?')} preset, history {h.get('history', '?')}, full ranking over all items, "
              "chronological leave-one-out, one target per user, ties count items scored strictly higher, padding "
              f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). Device {meta['device']}, "
-             f"{meta['threads']} thread(s); load average before {meta['load_avg']}.", "",
+             f"{meta['threads']} thread(s); {load_line(meta, rows)}.", "",
              "| variant | seeds | " + " | ".join(METRICS) + " | best epochs | samples/s | peak memory (MB) |",
              "|---" * (5 + len(METRICS)) + "|"]
     for r in rows:

@@ -411,3 +411,17 @@ def test_paired_comparisons_survive_the_run_folders(tiny_data_dir, tmp_path):
     stored_path(out).unlink()
     athwe_ml100k.write(out, meta, fewer, earlier=earlier)
     assert "Not compared (no per-user test ranks for a run): ATHWE vs WEARec" in Path(out + ".md").read_text()
+
+
+def test_ml100k_table_load_line():
+    """A table written while training states the load before it; one read back with --report-only
+    states the range its runs recorded when they started (not the load at read-back time)."""
+    import athwe_ml100k
+
+    meta = {"load_avg": [1.5, 1.0, 0.5], "report_only": False}
+    rows = [{"runs": [{"load_avg_before": [0.2, 0, 0]}, {"load_avg_before": [2.25, 0, 0]}, {}]}]
+    assert athwe_ml100k.load_line(meta, rows) == "load average before [1.5, 1.0, 0.5]"
+    meta["report_only"] = True
+    assert athwe_ml100k.load_line(meta, rows) == \
+        "1-minute load average before each run 0.2-2.25 (recorded for 2 of its 3 runs)"
+    assert athwe_ml100k.load_line(meta, [{"runs": [{}]}]) == "the load average before each run was not recorded"
