@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import resource
 import statistics
@@ -36,7 +35,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  # noqa: E402
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
-                       epoch_printer, finished_run, read_table, record_of, seeds_cell, speed_cell, train_or_reuse,
+                       epoch_printer, finished_run, load_avg, read_table, record_of, seeds_cell, speed_cell, train_or_reuse,
                        training_command)
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
@@ -95,7 +94,7 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
     from athwe.config import resolve_config
 
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
-    load_before = [round(x, 2) for x in os.getloadavg()]
+    load_before = load_avg()
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     say = epoch_printer(label, quiet)
@@ -271,7 +270,7 @@ def main() -> None:
 
     meta = {"command": command, "dataset": args.dataset, "seeds": seeds, "device": str(resolve_device(args.device)),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
-            "python": platform.python_version(), "report_only": args.report_only, "load_avg": [round(x, 2) for x in os.getloadavg()]}
+            "python": platform.python_version(), "report_only": args.report_only, "load_avg": load_avg()}
     stored = load_stored(args.out)
     earlier_table = read_table(args.out) if args.report_only else {}
     earlier = earlier_records(earlier_table)

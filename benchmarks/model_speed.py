@@ -33,6 +33,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from run_cache import load_avg  # noqa: E402
+
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OPTIONAL_MODELS = ("bsarec", "wearec", "fearec", "asrec")
 REFERENCE_STEPS_PER_S = {"wearec": 5.0, "bsarec": 4.9}  # reference code, LastFM, N=50, batch 256, idle
@@ -172,13 +175,6 @@ def import_models() -> dict[str, str]:
         except Exception as e:  # a model being written by someone else must not stop the others
             errors[name] = f"{type(e).__name__}: {e}"
     return errors
-
-
-def load_avg() -> list[float]:
-    try:
-        return [round(x, 2) for x in os.getloadavg()]
-    except OSError:
-        return []
 
 
 def synthetic_features(n_items: int):

@@ -19,6 +19,7 @@ import argparse
 import copy
 import hashlib
 import json
+import os
 import shlex
 import statistics
 import sys
@@ -289,6 +290,14 @@ def epoch_printer(label: str, quiet: bool) -> Callable[[str], None]:
     if quiet:
         return lambda s: None
     return lambda s: print("\n".join(f"[{label}] {line}" for line in s.splitlines()), flush=True)
+
+
+def load_avg() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages, rounded; [] where the platform has none."""
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return []
 
 
 def training_command(argv: list[str] | None = None) -> str:
