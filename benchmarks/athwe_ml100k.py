@@ -35,8 +35,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  # noqa: E402
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
-                       epoch_printer, finished_run, load_avg, read_table, record_of, seeds_cell, speed_cell, train_or_reuse,
-                       training_command)
+                       epoch_printer, exit_with_parent, finished_run, load_avg, read_table, record_of, seeds_cell,
+                       speed_cell, train_or_reuse, training_command)
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -93,6 +93,7 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
 
     from athwe.config import resolve_config
 
+    exit_with_parent()
     cfg = resolve_config(model, dataset, overrides=overrides, flags=flags)
     load_before = load_avg()
     if torch.cuda.is_available():

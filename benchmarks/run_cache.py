@@ -23,6 +23,7 @@ import os
 import shlex
 import statistics
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -298,6 +299,27 @@ def load_avg() -> list[float]:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return []
+
+
+def exit_with_parent(poll_s: float = 2.0) -> None:
+    """Make this (child) process exit when the process that started it is gone.
+
+    A benchmark trains each run in a spawned child; when only the parent is killed (`kill PID`,
+    not Ctrl-C, which reaches the whole process group) the child would otherwise train on unseen.
+    A daemon thread polls the parent PID and ends the process when it changes (the child was
+    re-parented). Checkpoints are written to a temporary file and renamed, so the run folder keeps
+    its last complete epoch and the same command resumes it."""
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:
+                print(f"benchmark process {parent} is gone: stopping this run (the same command resumes it)",
+                      file=sys.stderr, flush=True)
+                os._exit(3)
+
+    threading.Thread(target=watch, name="exit-with-parent", daemon=True).start()
 
 
 def training_command(argv: list[str] | None = None) -> str:

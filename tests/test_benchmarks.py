@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
+import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -186,6 +189,55 @@ def test_epoch_printer_prefixes_every_line_and_quiet_prints_nothing(capsys):
     epoch_printer("wearec LastFM ce seed 42", quiet=True)("epoch   2  loss 7.9")
     assert capsys.readouterr().out.splitlines() == ["[wearec LastFM ce seed 42] epoch   1  loss 8.1",
                                                     "[wearec LastFM ce seed 42] HR@10 0.05"]
+
+
+def _gone(pid: int) -> bool:
+    """True when process `pid` has exited (or is a zombie nobody has reaped yet)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="needs /proc")
+def test_spawned_run_stops_when_the_benchmark_process_is_killed(tmp_path):
+    pid_file = tmp_path / "child.pid"
+    script = tmp_path / "bench.py"
+    script.write_text(textwrap.dedent(f"""
+        import multiprocessing, os, sys, time
+        sys.path.insert(0, {str(Path(__file__).resolve().parents[1] / "benchmarks")!r})
+
+        def child(path):
+            from run_cache import exit_with_parent
+            exit_with_parent(poll_s=0.1)
+            with open(path + ".tmp", "w") as f:
+                f.write(str(os.getpid()))
+            os.replace(path + ".tmp", path)
+            time.sleep(120)  # a run that would train on
+
+        if __name__ == "__main__":
+            p = multiprocessing.get_context("spawn").Process(target=child, args=(sys.argv[1],))
+            p.start()
+            p.join()
+    """))
+    parent = subprocess.Popen([sys.executable, str(script), str(pid_file)])
+    try:
+        deadline = time.monotonic() + 120
+        while not pid_file.exists():
+            assert parent.poll() is None and time.monotonic() < deadline, "the child never started"
+            time.sleep(0.1)
+        child = int(pid_file.read_text())
+        assert not _gone(child)
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 30
+    while not _gone(child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    stopped = _gone(child)
+    if not stopped:
+        os.kill(child, 9)
+    assert stopped, "the spawned run kept going after its benchmark process was killed"
 
 
 def test_reproduction_tables_compare_at_the_same_sequence_length():
