@@ -223,11 +223,14 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         lines += ["", "Not compared (no per-user test ranks for a run): " + "; ".join(missing) + "."]
     if any(x.get("carried") for r in rows for x in r["runs"]):
         lines += ["", CARRIED_NOTE]
-    lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
-              "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
-              "(ID only; category prediction stays on).", "",
-              "Peak memory marked * includes a run that was interrupted and resumed: its figure is the peak of "
-              "the resumed part (the process that finished the run)."]
+    ablations = {label for label, model, extra in VARIANTS if model == "athwe" and extra}
+    if any(r["variant"] in ablations and r["runs"] for r in rows):
+        lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
+                  "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
+                  "(ID only; category prediction stays on)."]
+    if any(x.get("resumed") for r in rows for x in r["runs"]):
+        lines += ["", "Peak memory marked * includes a run that was interrupted and resumed: its figure is the peak "
+                  "of the resumed part (the process that finished the run)."]
     Path(out + ".json").write_text(json.dumps({**meta, "rows": rows, "paired": pairs}, indent=2) + "\n")
     Path(out + ".md").write_text("\n".join(lines) + "\n")
 

@@ -95,6 +95,7 @@ def test_athwe_ml100k_report_only_tabulates_finished_runs(tmp_path, monkeypatch,
     row = next(line for line in md.splitlines() if line.startswith("| SASRec |"))
     assert row.startswith("| SASRec | 1,2 | 0.1500 ± 0.0707 |")
     assert "| BSARec |" not in md
+    assert "Ablations switch" not in md and "Peak memory marked" not in md  # no ablation row, nothing resumed
     assert "seed 3: no finished run, left out" in capsys.readouterr().out
     assert sorted(p.name for p in runs.iterdir()) == ["data", "sasrec-1", "sasrec-2", "sasrec-3"]
 
@@ -477,3 +478,22 @@ def test_ml100k_table_load_line():
     assert athwe_ml100k.load_line(meta, rows) == \
         "1-minute load average before each run 0.2-2.25 (recorded for 2 of its 3 runs)"
     assert athwe_ml100k.load_line(meta, [{"runs": [{}]}]) == "the load average before each run was not recorded"
+
+
+def test_ml100k_table_notes_only_what_it_holds(tmp_path):
+    """The ablation note appears with an ablation row, the resumed-memory note with a resumed run."""
+    import athwe_ml100k
+
+    run = {"test": {m: 0.1 for m in athwe_ml100k.METRICS}, "seed": 1, "best_epoch": 3, "samples_per_s": 100.0,
+           "peak_rss_mb": 10.0, "header": {}}
+    meta = {"dataset": "ml-100k", "command": "python x", "seeds": [1], "device": "cpu", "threads": 1,
+            "load_avg": [], "report_only": False}
+
+    def notes(rows):
+        athwe_ml100k.write(str(tmp_path / "t"), meta, rows, final=False)
+        md = (tmp_path / "t.md").read_text()
+        return "Ablations switch" in md, "Peak memory marked" in md
+
+    assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [run]}]) == (False, False)
+    assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [run]},
+                  {"variant": "ATHWE no MoE", "model": "athwe", "runs": [{**run, "resumed": True}]}]) == (True, True)
