@@ -27,15 +27,40 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def _new_file_mode(path: Path) -> int:
+    """The permissions a plain open(path, "w") would leave: the existing file's, else 0o666 less the
+    umask (mkstemp's own 0o600 would make artefacts unreadable to everyone else on a shared machine)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except FileNotFoundError:
+        return 0o666 & ~_umask()
+
+
+def temp_dir(parent: str | Path, prefix: str) -> Path:
+    """A new empty folder in `parent` (to fill, then rename into place) with the permissions
+    os.mkdir would give it (0o777 less the umask), not mkdtemp's 0o700."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    os.chmod(tmp, 0o777 & ~_umask())
+    return tmp
+
+
 @contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds. The
+    file keeps the permissions a direct write would give it."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, _new_file_mode(path))
         yield tmp_path
         os.replace(tmp_path, path)
     finally:

@@ -37,6 +37,7 @@ from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  #
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
                        epoch_printer, exit_with_parent, finished_run, load_avg, read_table, record_of, seeds_cell,
                        speed_cell, train_or_reuse, training_command)
+from athwe.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 #: (label, model, extra overrides); ablations switch one ATHWE component off
@@ -231,8 +232,8 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
     if any(x.get("resumed") for r in rows for x in r["runs"]):
         lines += ["", "Peak memory marked * includes a run that was interrupted and resumed: its figure is the peak "
                   "of the resumed part (the process that finished the run)."]
-    Path(out + ".json").write_text(json.dumps({**meta, "rows": rows, "paired": pairs}, indent=2) + "\n")
-    Path(out + ".md").write_text("\n".join(lines) + "\n")
+    atomic_write_json(out + ".json", {**meta, "rows": rows, "paired": pairs})
+    atomic_write_text(out + ".md", "\n".join(lines) + "\n")
 
 
 def main() -> None:

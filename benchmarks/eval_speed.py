@@ -11,7 +11,6 @@ forward pass and full ranking does not depend on what the weights learned.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import shlex
 import statistics
@@ -25,6 +24,7 @@ from athwe.config import resolve_config
 from athwe.evaluation.metrics import evaluate
 from athwe.models import create_model
 from athwe.training.trainer import load_data
+from athwe.utils import atomic_write_json, atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -93,8 +93,8 @@ def main() -> None:
               f"{v['samples_per_s']} samples/s", flush=True)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"command": command, "env": env, "eval": ev, "train": tp}, indent=2) + "\n")
-    Path(args.out + ".md").write_text(
+    atomic_write_json(args.out + ".json", {"command": command, "env": env, "eval": ev, "train": tp})
+    atomic_write_text(args.out + ".md",
         f"# Evaluation and training speed\n\nCommand: `{command}` ({env['threads']} threads, torch {env['torch']})\n\n"
         f"| what | figure |\n|---|---|\n"
         f"| Beauty full-ranking test evaluation ({ev['users']:,} users x {ev['items']:,} items, SASRec size, batch {ev['batch_size']}) "

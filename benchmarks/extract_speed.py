@@ -20,7 +20,6 @@ figures only.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import resource
@@ -42,6 +41,7 @@ from athwe.feature_extraction.extract import extract_features
 from athwe.feature_extraction.image import ImageEncoder
 from athwe.feature_extraction.items import build_item_texts, read_item_table
 from athwe.feature_extraction.text import TextEncoder, packaged_minilm_dir
+from athwe.utils import atomic_write_json, atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 TEMPLATE = "{movie_title}, {release_year}, {class}"
@@ -211,8 +211,7 @@ def main() -> None:
            "device": "cpu", "seconds": elapsed,
            "other_processes_cpu_seconds": other}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out + ".json").write_text(json.dumps({"command": command, "env": env, "text": txt, "image": img},
-                                                   indent=2) + "\n")
+    atomic_write_json(args.out + ".json", {"command": command, "env": env, "text": txt, "image": img})
     c = txt["cosine"]
     md = (
         f"# Feature extraction speed\n\nCommand: `{command}` ({env['threads']} thread(s), torch {env['torch']}, CPU "
@@ -255,7 +254,7 @@ def main() -> None:
                   for r in img)
         + "\nWeights are randomly initialised (pretrained weights cannot be downloaded on this machine); a forward "
           "pass costs the same with trained weights. No GPU figure: this machine has none.\n")
-    Path(args.out + ".md").write_text(md)
+    atomic_write_text(args.out + ".md", md)
     print(md)
 
 

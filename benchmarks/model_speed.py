@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import json
 import os
 import platform
 import shlex
@@ -35,6 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_cache import load_avg  # noqa: E402
+from athwe.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OPTIONAL_MODELS = ("bsarec", "wearec", "fearec", "asrec")
@@ -324,8 +324,8 @@ def main() -> None:
 
     stem = args.out or ("benchmarks/results/model_speed" + ("" if args.max_seq_length == 50 else f"_n{args.max_seq_length}"))
     Path(stem).parent.mkdir(parents=True, exist_ok=True)
-    Path(stem + ".json").write_text(json.dumps({"command": command, "env": env, "results": results, "failures": failures,
-                                                "import_errors": import_errors}, indent=2) + "\n")
+    atomic_write_json(stem + ".json", {"command": command, "env": env, "results": results, "failures": failures,
+                                       "import_errors": import_errors})
     lines = [
         "# Model training speed (LastFM batches)",
         "",
@@ -360,7 +360,7 @@ def main() -> None:
                   "random 768-d text and image tables and 20 random categories of the catalogue's size (ID + text + "
                   "image, the model's full configuration). Speed only; their quality on real features is in "
                   "benchmarks/results/athwe_ml100k.md."]
-    Path(stem + ".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(stem + ".md", "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from athwe.evaluation.metrics import ndcg_per_row as ndcg_per_user  # one row per test user
+from athwe.utils import atomic_torch_save, atomic_write_text
 
 RANKS_FILE = "test_ranks.pt"
 #: stored ranks: run folder name -> (users, ranks)
@@ -45,9 +46,7 @@ def save_stored(out: str | Path, stored: Stored) -> None:
     path = stored_path(out)
     body = {"about": "test users (row indices) and 0-based target ranks of each run in the table beside this file",
             "runs": {name: {"users": u.tolist(), "ranks": r.tolist()} for name, (u, r) in sorted(stored.items())}}
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(body, separators=(",", ":")) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(body, separators=(",", ":")) + "\n")
 
 
 def test_ranks(run_dir: str | Path, stored: Stored | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -67,9 +66,7 @@ def test_ranks(run_dir: str | Path, stored: Stored | None = None) -> tuple[torch
     from athwe.training.trainer import evaluate_run_rows
 
     _, users, ranks = evaluate_run_rows(run, "test")
-    tmp = cache.with_suffix(".tmp")
-    torch.save({"users": users, "ranks": ranks}, tmp)
-    tmp.replace(cache)
+    atomic_torch_save({"users": users, "ranks": ranks}, cache)
     return users, ranks
 
 

@@ -20,6 +20,7 @@ from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_lin
                        training_command)
 
 from athwe.config import resolve_config  # noqa: E402
+from athwe.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
 
@@ -78,7 +79,7 @@ def run_or_reuse(cfg, fresh: bool, printer=lambda s: None) -> dict:
 
 def write(out: str, command: str, rows: list[dict], report_only: bool = False) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
-    Path(out + ".json").write_text(json.dumps({"command": command, "report_only": report_only, "rows": rows}, indent=2) + "\n")
+    atomic_write_json(out + ".json", {"command": command, "report_only": report_only, "rows": rows})
     lines = [f"# Reproduction: {', '.join(sorted({r['model'] for r in rows}))} on {', '.join(sorted({r['dataset'] for r in rows}))}", "",
              command_line(command, report_only), "",
              "Full ranking over all items, chronological leave-one-out, one target per user; "
@@ -121,7 +122,7 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
               "Runs are reused when a finished run with the same config is found under the runs folder, "
               "and interrupted ones resumed (wall s marked * is training seconds: the run was resumed or "
               "made before wall times were recorded).", ""]
-    Path(out + ".md").write_text("\n".join(lines))
+    atomic_write_text(out + ".md", "\n".join(lines))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from athwe.retrieval.index import EXACT_MAX_ITEMS, build_index, search_index
+from athwe.utils import atomic_write_json, atomic_write_text
 
 K = 10
 
@@ -128,7 +129,7 @@ def write(args: argparse.Namespace, command: str, rows: list[dict]) -> None:
            "threads": args.threads or "default",
            "load_avg_before": [round(v, 2) for v in args.load_before],
            "load_avg_after": [round(v, 2) for v in os.getloadavg()]}
-    out.with_suffix(".json").write_text(json.dumps({"command": command, "env": env, "rows": rows}, indent=2) + "\n")
+    atomic_write_json(out.with_suffix(".json"), {"command": command, "env": env, "rows": rows})
     lines = ["# Retrieval: exact vs HNSW vs IVF-PQ", "", f"Command: `{command}`", "",
              f"faiss {env['faiss']}, {env['cpus']} CPUs ({env['machine']}), FAISS threads: {env['threads']}. "
              f"Clustered synthetic item vectors (Zipf-sized Gaussian clusters, popularity-like norms), {args.dim}-d, "
@@ -144,7 +145,7 @@ def write(args: argparse.Namespace, command: str, rows: list[dict]) -> None:
         rec = "1 (reference)" if r["kind"] == "flat" else f"{r['recall@10']:.4f}"
         lines.append(f"| {r['items']:,} | {r['kind']} | {knobs} | {r['build_s']:.1f} | {r['bytes_per_item']:.0f} | "
                      f"{r['p50_ms']:.2f} | {r['p95_ms']:.2f} | {r['users_per_s']:,.0f} | {rec} |")
-    out.with_suffix(".md").write_text("\n".join(lines) + "\n")
+    atomic_write_text(out.with_suffix(".md"), "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

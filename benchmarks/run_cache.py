@@ -30,7 +30,7 @@ from typing import Any, Callable
 
 import yaml
 
-from athwe.utils import hash_file
+from athwe.utils import atomic_write_json, hash_file
 
 #: (section, key) pairs that do not change what a run computes
 IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir")]
@@ -231,9 +231,7 @@ def save_record(run: Path, record: dict[str, Any]) -> None:
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     record = {**record, "data_fingerprint": data_fingerprint(cfg if isinstance(cfg, dict) else {}),
               "fingerprint_scheme": FINGERPRINT_SCHEME}
-    tmp = run / (BENCH_FILE + ".tmp")
-    tmp.write_text(json.dumps(record, indent=2) + "\n")
-    tmp.replace(run / BENCH_FILE)
+    atomic_write_json(run / BENCH_FILE, record)
 
 
 def train_or_reuse(cfg: Any, fresh: bool = False, log: Callable[[str], None] = print,

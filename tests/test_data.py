@@ -2,7 +2,6 @@
 leave-one-out split, checked against a straightforward implementation of specs/protocol.md."""
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 
@@ -333,6 +332,25 @@ def test_kcore_matches_reference_on_random_data(tmp_path, cache_dir, k):
 
 
 # ---------------------------------------------------------------------------- fingerprint and cache
+
+
+def test_atomic_write_permissions_and_failure(tmp_path):
+    from athwe.utils import atomic_path, atomic_write_text
+
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")
+    target = tmp_path / "table.md"
+    atomic_write_text(target, "one\n")
+    assert target.read_text() == "one\n"
+    assert target.stat().st_mode & 0o777 == plain.stat().st_mode & 0o777  # as a direct write, not 0o600
+    target.chmod(0o640)
+    atomic_write_text(target, "two\n")
+    assert target.read_text() == "two\n" and target.stat().st_mode & 0o777 == 0o640  # a rewrite keeps the mode
+    with pytest.raises(RuntimeError):
+        with atomic_path(target) as tmp:
+            tmp.write_text("half")
+            raise RuntimeError("killed while writing")
+    assert target.read_text() == "two\n" and sorted(f.name for f in tmp_path.iterdir()) == ["plain.txt", "table.md"]
 
 
 def test_hash_file_streams_the_whole_file(tmp_path):

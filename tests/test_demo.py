@@ -177,6 +177,9 @@ def test_history_gaps_predict_the_next_transition(demo_dir: Path) -> None:
 def test_ensure_demo(tmp_path: Path) -> None:
     folder = ensure_demo(tmp_path)
     assert folder == tmp_path / DEMO_NAME
+    (tmp_path / "plain").mkdir()  # the mode a plain mkdir gives under this umask, not mkdtemp's 0o700
+    assert folder.stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
+    (tmp_path / "plain").rmdir()
     marker = folder / demo.MARKER
     assert json.loads(marker.read_text())["version"] == DEMO_VERSION
     stamps = {p: p.stat().st_mtime_ns for p in (marker, folder / f"{DEMO_NAME}.inter")}

@@ -337,6 +337,8 @@ def test_atomic_folder(tmp_path):
     out = tmp_path / "d"
     s = import_dataset(src["folder"], out, "norm")
     assert s["format"] == "atomic" and s["duplicates_dropped"] == 1 and s["interactions"] == 14
+    (tmp_path / "plain").mkdir()  # the mode a plain mkdir gives under this umask, not mkdtemp's 0o700
+    assert (out / "norm").stat().st_mode & 0o777 == (tmp_path / "plain").stat().st_mode & 0o777
     inter = read_atomic(out / "norm" / "norm.inter")
     assert inter.names == ["user_id", "item_id", "rating", "timestamp"]
     assert list(zip(inter.columns["user_id"], inter.columns["item_id"], inter.columns["rating"].tolist(),

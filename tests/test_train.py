@@ -29,6 +29,10 @@ def test_run_folder_contents_and_weights_only_checkpoints(tiny_data_dir, tmp_pat
     for name in ("config.yaml", "item_map.json", "metrics.jsonl", "results.json", "curves.png", "best.pt", "last.pt"):
         assert (run / name).is_file(), name
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+    plain = tmp_path / "plain.txt"
+    plain.write_text("x")  # what a direct write leaves under this umask (not mkstemp's 0o600)
+    for name in ("config.yaml", "item_map.json", "results.json", "curves.png", "best.pt", "last.pt"):
+        assert (run / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, name
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == [1, 2, 3]
     best = torch.load(run / "best.pt", weights_only=True)

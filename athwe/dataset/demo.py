@@ -38,6 +38,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from athwe.errors import DataError
+from athwe.utils import temp_dir
 
 if TYPE_CHECKING:
     from PIL import Image as PILImage
@@ -520,7 +521,7 @@ def generate_demo(
     if n_items < 3 * len(LEAVES) + MAX_LEN:
         raise DataError(f"demo generator: n_items must be >= {3 * len(LEAVES) + MAX_LEN}, got {n_items}")
     out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    tmp = temp_dir(out_dir.parent, f".{out_dir.name}.tmp-")
     try:
         info = _write_dataset(tmp, seed, n_users, n_items)
         (tmp / MARKER).write_text(json.dumps(info, indent=1) + "\n", encoding="utf-8", newline="\n")

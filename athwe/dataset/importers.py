@@ -70,6 +70,7 @@ import numpy as np
 
 from athwe.dataset.atomic import read_atomic, read_sequence_txt
 from athwe.errors import DataError
+from athwe.utils import temp_dir
 
 FORMATS = ("auto", "amazon2014", "amazon2018", "amazon2023", "atomic", "txt")
 AMAZON_FORMATS = ("amazon2014", "amazon2018", "amazon2023")
@@ -852,7 +853,7 @@ def import_dataset(
         raise DataError(f"--meta applies to Amazon review dumps only, not to format {fmt!r}")
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.import-", dir=out_dir))
+    tmp = temp_dir(out_dir, f".{name}.import-")
     try:
         summary: dict[str, Any] = {"dataset": name, "format": fmt, "source": str(source),
                                    "meta": str(meta_path) if meta_path else None, "kcore": kcore}
