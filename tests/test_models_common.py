@@ -148,3 +148,57 @@ def test_training_step_reduces_loss_on_a_fixed_batch(name):
         model.loss(batch).backward()
         opt.step()
     assert model.loss(batch).item() < first
+
+
+@pytest.mark.parametrize("loss", ["ce", "bce"])
+def test_gradients_identical_across_repeats_with_threads(name, loss):
+    """The same batch gives bit-identical gradients on every backward pass with 2 CPU threads.
+    Catches backward kernels that accumulate repeated indices in thread-timing order (the advanced
+    indexing `table[ids]` does; F.embedding and index_select do not)."""
+    model = make_model(name, seed=5, loss=loss)
+    model.eval()  # no dropout draws: every pass computes the same function
+    g = torch.Generator().manual_seed(0)
+    big_b, n = 512, N
+    ids = torch.randint(1, N_ITEMS + 1, (big_b, n), generator=g)  # every item repeated many times
+    ts = torch.cumsum(torch.randint(60, 10_000, (big_b, n), generator=g), 1).double() + 1.6e9
+    target = torch.randint(1, N_ITEMS + 1, (big_b,), generator=g)
+    neg = torch.randint(1, N_ITEMS + 1, (big_b,), generator=g)
+    batch = Batch(ids, ts, target, torch.arange(big_b), ts[:, -1] + 100.0, neg)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(6):
+            model.zero_grad(set_to_none=True)
+            torch.manual_seed(11)  # the same draws (ATHWE's temporal contrastive positions) every pass
+            model.loss(batch).backward()
+            grads.append({k: p.grad.clone() for k, p in model.named_parameters() if p.grad is not None})
+    finally:
+        torch.set_num_threads(threads)
+    for other in grads[1:]:
+        assert all(torch.equal(grads[0][k], other[k]) for k in grads[0]), \
+            [k for k in grads[0] if not torch.equal(grads[0][k], other[k])]
+
+
+def test_lookup_matches_indexing_with_a_reproducible_backward():
+    from athwe.models.layers import lookup
+
+    g = torch.Generator().manual_seed(0)
+    table = torch.randn(31, 24, generator=g, requires_grad=True)
+    ids = torch.randint(0, 31, (512, 40), generator=g)  # 20k ids over 31 rows: heavy repetition
+    weight = torch.randn(512, 40, 24, generator=g)
+    torch.testing.assert_close(lookup(table, ids), table[ids], rtol=0, atol=0)
+    (table[ids] * weight).sum().backward()
+    expected, table.grad = table.grad, None
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        grads = []
+        for _ in range(10):
+            (lookup(table, ids) * weight).sum().backward()
+            grads.append(table.grad)
+            table.grad = None
+    finally:
+        torch.set_num_threads(threads)
+    torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-4)  # same sums, another order
+    assert all(torch.equal(grads[0], other) for other in grads[1:])

@@ -45,7 +45,7 @@ from athwe.dataset.sequences import format_seconds
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
-from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_weights
+from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_weights, lookup
 
 MODALITIES = ("id", "text", "image")
 FEATURE_MODALITIES = ("text", "image")
@@ -533,7 +533,7 @@ class ATHWE(SequentialRecommender):
         valid = ids > 0
         tables = self.item_tables()
         pos = self.position(torch.arange(self.max_seq_length - n, self.max_seq_length, device=ids.device))
-        x = torch.stack([tables[m][ids] for m in self.modalities], 2) + pos.view(1, n, 1, -1)
+        x = torch.stack([lookup(tables[m], ids) for m in self.modalities], 2) + pos.view(1, n, 1, -1)
         x = x * valid.view(b, n, 1, 1).to(x.dtype)  # (B, L, M, H), zero at padding
         if self.fusion is not None:
             x = self.fusion(x)
@@ -582,7 +582,7 @@ class ATHWE(SequentialRecommender):
         returns (mean loss, number of positions)."""
         sel = ((ids > 0) & self.cat_has[ids]).reshape(-1)
         flat = ids.reshape(-1)
-        logits = self.cat_head(items[flat])
+        logits = self.cat_head(lookup(items, flat))
         per = F.binary_cross_entropy_with_logits(logits, self.cat[flat], reduction="none").sum(1)
         count = sel.sum()
         return (per * sel).sum() / (count.clamp(min=1) * self.cat.shape[1]), count
@@ -596,7 +596,7 @@ class ATHWE(SequentialRecommender):
         for m, head in self.cluster_heads.items():
             labels = getattr(self, f"{m}_labels")[flat]
             sel = (flat > 0) & (labels >= 0)
-            per = F.cross_entropy(head(tables[m][flat]), labels.clamp(min=0), reduction="none")
+            per = F.cross_entropy(head(lookup(tables[m], flat)), labels.clamp(min=0), reduction="none")
             count = sel.sum()
             losses.append((per * sel).sum() / count.clamp(min=1))
             counts.append(count)

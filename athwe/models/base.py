@@ -17,7 +17,7 @@ from torch import nn
 
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import ConfigError
-from athwe.models.layers import attention_mask
+from athwe.models.layers import attention_mask, lookup
 
 LOSSES = ("ce", "bce")
 
@@ -83,8 +83,8 @@ class SequentialRecommender(nn.Module):
         else:
             if batch.neg is None:
                 raise ValueError("BCE loss needs sampled negatives in batch.neg")
-            pos = (q * items[batch.target]).sum(-1)
-            neg = (q * items[batch.neg]).sum(-1)
+            pos = (q * lookup(items, batch.target)).sum(-1)
+            neg = (q * lookup(items, batch.neg)).sum(-1)
             main = (F.softplus(-pos) + F.softplus(neg)).mean()  # -log sig(pos) - log(1 - sig(neg))
         extra = self.extra_loss(batch, q)
         return main if extra is None else main + extra

@@ -35,6 +35,15 @@ class Dropout(nn.Module):
         return f"p={self.p}"
 
 
+def lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows of a (V, d) table at integer ids, ``table[ids]`` with a reproducible backward.
+
+    The backward of advanced indexing accumulates repeated ids with a multi-threaded scatter on
+    CPU, so with more than one thread the table's gradient depends on thread timing and two runs
+    with the same seed drift apart. The embedding backward sums each row in a fixed order."""
+    return F.embedding(ids, table)
+
+
 def init_weights(module: nn.Module, std: float = 0.02) -> None:
     """N(0, std) for Linear and Embedding weights, zero biases, unit LayerNorm (BSARec/RecBole init)."""
     if isinstance(module, (nn.Linear, nn.Embedding)):
