@@ -13,12 +13,35 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
+from athwe.errors import ConfigError
+
 
 def resolve_device(device: str | None = None) -> torch.device:
-    """`auto`/None -> CUDA when present, else CPU; anything else is passed to torch."""
+    """`auto`/None -> CUDA when present, else CPU; anything else is parsed by torch and checked
+    here, so asking for a GPU the machine lacks is a one-line error, not a driver traceback."""
     if device in (None, "", "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device {device!r} is not a torch device (use auto, cpu, cuda or cuda:N)") from None
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            build = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
+            raise ConfigError(f"device {device!r}: CUDA is not available here (torch {torch.__version__}, {build}, "
+                              f"no usable GPU found); use --device cpu or auto")
+        count = torch.cuda.device_count()
+        if dev.index is not None and dev.index >= count:
+            raise ConfigError(f"device {device!r}: this machine has {count} CUDA device(s) (cuda:0..cuda:{count - 1})")
+    elif dev.type == "meta":
+        raise ConfigError(f"device {device!r} holds no data; use auto, cpu or cuda")
+    elif dev.type != "cpu":
+        try:
+            torch.empty(0, device=dev)
+        except (RuntimeError, AssertionError, NotImplementedError) as e:  # e.g. mps on a build without it
+            reason = str(e).splitlines()[0].split(". ")[0].rstrip(".")
+            raise ConfigError(f"device {device!r} is not usable here ({reason}); use auto, cpu or cuda") from None
+    return dev
 
 
 def seed_everything(seed: int) -> None:

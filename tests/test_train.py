@@ -141,7 +141,33 @@ def test_cli_unknown_model_and_missing_dataset(tmp_path):
     assert res.exit_code == 2 and "not a run folder" in res.stderr
 
 
-def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path):
+def test_resolve_device_rejects_devices_the_machine_lacks(monkeypatch):
+    from athwe.utils import resolve_device
+
+    assert resolve_device("cpu") == torch.device("cpu") and resolve_device(None).type in ("cpu", "cuda")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_device("auto") == torch.device("cpu")
+    for bad, needle in (("cuda", "CUDA is not available"), ("cuda:1", "CUDA is not available"),
+                        ("gpu", "not a torch device"), ("meta", "holds no data")):
+        with pytest.raises(ConfigError, match=needle):
+            resolve_device(bad)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    with pytest.raises(ConfigError, match="2 CUDA device"):
+        resolve_device("cuda:2")
+
+
+def test_cli_train_on_a_missing_gpu_exits_2_and_leaves_no_run_folder(tiny_data_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    runs = tmp_path / "runs"
+    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir),
+                "--runs-dir", str(runs), "--device", "cuda", "--epochs", "1"], tmp_path)
+    err = res.stderr.strip()
+    assert res.exit_code == 2 and len(err.splitlines()) == 1 and "CUDA is not available" in err, res.stderr
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
     res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--run-dir", str(run),
                 "--epochs", "2", "--max-seq-length", "8", "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32"], tmp_path)
@@ -152,6 +178,14 @@ def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path):
         res = _cli(["evaluate", "--run", str(run), "--json", "--batch-size", bs], tmp_path)
         assert res.exit_code == 0
         assert json.loads(res.stdout)["test"] == saved
+    # a run trained with --device cuda evaluates on a machine without a GPU (on the CPU)
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    cfg["train"]["device"] = "cuda"
+    (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    res = _cli(["evaluate", "--run", str(run), "--json"], tmp_path)
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["test"] == saved
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "LastFM").is_dir(), reason="shared data not present")

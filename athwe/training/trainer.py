@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from athwe.config import RunConfig, config_from_dict, history_mode
 from athwe.dataset.sequences import SequenceData, load_sequences
 from athwe.dataset.split import Batch, SampleSet, Split, build_split
-from athwe.errors import AthweError, DataError
+from athwe.errors import AthweError, ConfigError, DataError
 from athwe.evaluation.metrics import evaluate
 from athwe.models import create_model
 from athwe.models.base import SequentialRecommender
@@ -374,7 +374,10 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
     saved = json.loads((run / "item_map.json").read_text())["fingerprint"]
     if saved != data.item_fingerprint:
         raise AthweError(f"{run}: item map {saved} does not match dataset {cfg.data.dataset} ({data.item_fingerprint})")
-    device = resolve_device(cfg.train.device)
+    try:
+        device = resolve_device(cfg.train.device)
+    except ConfigError:  # trained on a GPU this machine lacks: evaluate where it can
+        device = resolve_device("auto")
     features = load_model_features(cfg, data, progress=False)
     model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss,
                          features).to(device)
