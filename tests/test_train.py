@@ -188,6 +188,35 @@ def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path, monkeypatch):
     assert json.loads(res.stdout)["test"] == saved
 
 
+def test_damaged_or_foreign_checkpoints_are_one_line_errors(tiny_data_dir, tmp_path):
+    run, _ = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=1), printer=lambda s: None, progress=False)
+    best, last = run / "best.pt", run / "last.pt"
+    good_best, good_last = best.read_bytes(), last.read_bytes()
+
+    def error(args):
+        res = _cli(args, tmp_path)
+        err = res.stderr.strip()
+        assert res.exit_code == 2 and len(err.splitlines()) == 1 and err.startswith("error: "), res.stderr
+        return err
+
+    best.write_bytes(good_best[: len(good_best) // 2])  # truncated by a full disk or a copy
+    assert "best.pt: not a readable checkpoint" in error(["evaluate", "--run", str(run)])
+    assert "best.pt: not a readable checkpoint" in error(["retrieve", "--run", str(run), "--user", "u1"])
+    state = torch.load(tmp_path / "runs" / run.name / "last.pt", weights_only=True)["model"]
+    state["extra.weight"] = torch.zeros(2)
+    state = {k: (torch.zeros(3, 3) if k.endswith("position.weight") else v) for k, v in state.items()}
+    torch.save(state, best)
+    err = error(["evaluate", "--run", str(run)])
+    assert "weights do not fit" in err and "unexpected 1 (e.g. extra.weight)" in err and "wrong shape 1" in err
+    best.write_bytes(good_best)
+    last.write_bytes(good_last[:100])
+    assert "last.pt: not a readable checkpoint" in error(["train", "--resume", str(run)])
+    torch.save({"model": {}}, last)
+    assert "last.pt: not a checkpoint of this run" in error(["train", "--resume", str(run)])
+    last.write_bytes(good_last)
+    assert _cli(["evaluate", "--run", str(run)], tmp_path).exit_code == 0
+
+
 @pytest.mark.skipif(not (SHARED_DATA / "LastFM").is_dir(), reason="shared data not present")
 def test_data_info_on_lastfm():
     res = CliRunner().invoke(app, ["data", "info", "--dataset", "LastFM", "--data-dir", str(SHARED_DATA), "--json"])

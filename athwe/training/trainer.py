@@ -17,6 +17,7 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
+from torch import nn
 import yaml
 from tqdm.auto import tqdm
 
@@ -121,6 +122,32 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     n = state["numpy"]
     np.random.set_state((n[0], n[1].numpy().astype(np.uint32), n[2], n[3], n[4]))
+
+
+def load_checkpoint(path: Path, map_location: Any = "cpu") -> Any:
+    """torch.load(weights_only=True) with a one-line error for a damaged or foreign file."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
+        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
+        raise AthweError(f"{path}: not a readable checkpoint ({reason}); it may be truncated") from None
+
+
+def load_weights(model: nn.Module, state: Any, path: Path) -> None:
+    """load_state_dict with a one-line error when the file's weights belong to another model."""
+    if not isinstance(state, dict):
+        raise AthweError(f"{path}: holds a {type(state).__name__}, not a model state dict")
+    try:
+        model.load_state_dict(state)  # the model's own load hooks run first (ATHWE's feature check)
+    except (RuntimeError, TypeError) as e:
+        own = model.state_dict()
+        missing = [k for k in own if k not in state]
+        unexpected = [k for k in state if k not in own]
+        shapes = [k for k in own if k in state and isinstance(state[k], torch.Tensor) and state[k].shape != own[k].shape]
+        problems = [f"{what} {len(keys)} (e.g. {keys[0]})" for what, keys in
+                    (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+        detail = ", ".join(problems) or str(e).strip().splitlines()[-1]
+        raise AthweError(f"{path}: weights do not fit the run's {type(model).__name__} model: {detail}") from None
 
 
 def _new_run_dir(cfg: RunConfig) -> Path:
@@ -254,7 +281,7 @@ class Trainer:
     def finish(self) -> dict[str, Any]:
         best = self.run_dir / "best.pt"
         if best.is_file():
-            self.model.load_state_dict(torch.load(best, map_location=self.device, weights_only=True))
+            load_weights(self.model, load_checkpoint(best, self.device), best)
         valid = self.evaluate(self.split.valid)
         test = self.evaluate(self.split.test)
         results = {
@@ -349,7 +376,12 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
         raise AthweError(f"{last}: no checkpoint to resume from")
     data, split = load_data(cfg)
     trainer = Trainer(cfg, run, data, split, printer, progress)
-    trainer.load_state(torch.load(last, map_location="cpu", weights_only=True))
+    ckpt = load_checkpoint(last)
+    try:
+        trainer.load_state(ckpt)
+    except (KeyError, TypeError, RuntimeError, ValueError) as e:
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise AthweError(f"{last}: not a checkpoint of this run ({type(e).__name__}: {reason})") from None
     # drop epoch records written after the checkpoint (a kill between the two writes)
     mpath = run / "metrics.jsonl"
     if mpath.is_file():
@@ -381,7 +413,7 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
     features = load_model_features(cfg, data, progress=False)
     model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss,
                          features).to(device)
-    model.load_state_dict(torch.load(best, map_location=device, weights_only=True))
+    load_weights(model, load_checkpoint(best, device), best)
     model.eval()
     return model, data, cfg
 
