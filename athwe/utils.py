@@ -13,7 +13,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
-from athwe.errors import ConfigError
+from athwe.errors import AthweError, ConfigError
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -42,6 +42,17 @@ def resolve_device(device: str | None = None) -> torch.device:
             reason = str(e).splitlines()[0].split(". ")[0].rstrip(".")
             raise ConfigError(f"device {device!r} is not usable here ({reason}); use auto, cpu or cuda") from None
     return dev
+
+
+def read_json(path: str | Path) -> Any:
+    """Parse a JSON file the toolkit wrote, with a one-line error naming it when it is damaged."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise AthweError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise AthweError(f"{path}: cannot be read ({e})") from None
 
 
 def seed_everything(seed: int) -> None:

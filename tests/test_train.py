@@ -215,6 +215,28 @@ def test_damaged_or_foreign_checkpoints_are_one_line_errors(tiny_data_dir, tmp_p
     assert "last.pt: not a checkpoint of this run" in error(["train", "--resume", str(run)])
     last.write_bytes(good_last)
     assert _cli(["evaluate", "--run", str(run)], tmp_path).exit_code == 0
+    for name, damaged, needle in (("item_map.json", "{bad", "item_map.json: not valid JSON"),
+                                  ("item_map.json", "[1]", "item_map.json: has no item-map fingerprint"),
+                                  ("config.yaml", "train: [", "config.yaml: invalid YAML"),
+                                  ("config.yaml", "train: {}", "config.yaml: saved run config names no model"),
+                                  ("index.json", '{"kind":', "index.json: not valid JSON"),
+                                  ("index.json", "{}", "index.json: not an index description"),
+                                  ("index.faiss", "garbage", "index.faiss: not a readable FAISS index")):
+        good = (run / name).read_bytes()
+        (run / name).write_text(damaged)
+        cmd = ["retrieve", "--run", str(run), "--user", "u1"] if name.startswith("index") else ["evaluate", "--run", str(run)]
+        assert needle in error(cmd), name
+        (run / name).write_bytes(good)
+
+
+def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tiny_data_dir, tmp_path):
+    cfg = tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=3)
+    run, _ = tr.train(cfg, printer=lambda s: None, progress=False, stop_after=2)
+    metrics = run / "metrics.jsonl"
+    metrics.write_text(metrics.read_text() + '{"epoch": 3, "loss": 1.2')  # killed during the append
+    res = tr.resume(run, printer=lambda s: None, progress=False)
+    rows = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert [r["epoch"] for r in rows] == [1, 2, 3] and res["test"]
 
 
 @pytest.mark.skipif(not (SHARED_DATA / "LastFM").is_dir(), reason="shared data not present")

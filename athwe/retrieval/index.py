@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from athwe.errors import AthweError
-from athwe.utils import atomic_path, atomic_write_json, hash_file
+from athwe.utils import atomic_path, atomic_write_json, hash_file, read_json
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")
 #: up to this many items `auto` picks the exact index, above it IVF-PQ with exact re-ranking
@@ -132,12 +132,19 @@ def load_run_index(run_dir: str | Path, item_fingerprint: str) -> tuple[Any, dic
     meta_path, index_path = run / "index.json", run / "index.faiss"
     if not meta_path.is_file() or not index_path.is_file():
         raise AthweError(f"{run}: no index (build it with `athwe index --run {run}`)")
-    meta = json.loads(meta_path.read_text())
+    meta = read_json(meta_path)
+    if not isinstance(meta, dict) or not {"item_fingerprint", "checkpoint_fingerprint"} <= meta.keys():
+        raise AthweError(f"{meta_path}: not an index description; rebuild with `athwe index --run {run}`")
     if meta["item_fingerprint"] != item_fingerprint:
         raise AthweError(f"{index_path}: built for item map {meta['item_fingerprint']}, but the run's data has {item_fingerprint}")
     if meta["checkpoint_fingerprint"] != file_fingerprint(run / "best.pt"):
         raise AthweError(f"{index_path}: built from another checkpoint than {run / 'best.pt'}; rebuild with `athwe index --run {run}`")
-    return _faiss().read_index(str(index_path)), meta
+    try:
+        index = _faiss().read_index(str(index_path))
+    except RuntimeError as e:
+        reason = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if str(e).strip() else "unreadable"
+        raise AthweError(f"{index_path}: not a readable FAISS index ({reason}); rebuild with `athwe index --run {run}`") from None
+    return index, meta
 
 
 @dataclass

@@ -21,14 +21,15 @@ from torch import nn
 import yaml
 from tqdm.auto import tqdm
 
-from athwe.config import RunConfig, config_from_dict, history_mode
+from athwe.config import RunConfig, config_from_dict, history_mode, load_yaml
 from athwe.dataset.sequences import SequenceData, load_sequences
 from athwe.dataset.split import Batch, SampleSet, Split, build_split
 from athwe.errors import AthweError, ConfigError, DataError
 from athwe.evaluation.metrics import evaluate
 from athwe.models import create_model
 from athwe.models.base import SequentialRecommender
-from athwe.utils import atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, resolve_device, seed_everything
+from athwe.utils import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, read_json, resolve_device,
+                         seed_everything)
 
 Printer = Callable[[str], None]
 
@@ -306,12 +307,21 @@ class Trainer:
         return results
 
 
+def _epoch_of(line: str) -> float:
+    """The epoch of a metrics.jsonl line; inf for a blank, damaged or foreign line."""
+    try:
+        epoch = json.loads(line)["epoch"]
+    except (ValueError, KeyError, TypeError):
+        return math.inf
+    return epoch if isinstance(epoch, int) else math.inf
+
+
 def write_curves(run_dir: Path) -> None:
     """Training loss and validation metrics per epoch, as curves.png."""
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = [json.loads(line) for line in path.read_text().splitlines() if _epoch_of(line) < math.inf]
     if not rows:
         return
     import matplotlib
@@ -363,7 +373,10 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     path = run / "config.yaml"
     if not path.is_file():
         raise AthweError(f"{run}: not a run folder (no config.yaml)")
-    return config_from_dict(yaml.safe_load(path.read_text()))
+    saved = load_yaml(path)
+    if not isinstance(saved.get("model"), str):
+        raise AthweError(f"{path}: saved run config names no model")
+    return config_from_dict(saved)
 
 
 def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
@@ -382,10 +395,11 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise AthweError(f"{last}: not a checkpoint of this run ({type(e).__name__}: {reason})") from None
-    # drop epoch records written after the checkpoint (a kill between the two writes)
+    # drop epoch records written after the checkpoint (a kill between the two writes) and a line
+    # cut short by a kill during its append
     mpath = run / "metrics.jsonl"
     if mpath.is_file():
-        rows = [r for r in mpath.read_text().splitlines() if r.strip() and json.loads(r)["epoch"] <= trainer.epoch]
+        rows = [r for r in mpath.read_text().splitlines() if _epoch_of(r) <= trainer.epoch]
         atomic_write_text(mpath, "".join(r + "\n" for r in rows))
     printer(f"resuming {run} after epoch {trainer.epoch} (best {cfg.train.valid_metric} {trainer.best_metric:.4f} at epoch {trainer.best_epoch})")
     return trainer.fit(stop_after=stop_after)
@@ -403,7 +417,13 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
 
         ensure_demo(cfg.data.data_dir)
     data = load_sequences(cfg.data.data_dir, cfg.data.dataset, kcore=cfg.data.kcore)
-    saved = json.loads((run / "item_map.json").read_text())["fingerprint"]
+    map_path = run / "item_map.json"
+    if not map_path.is_file():
+        raise AthweError(f"{run}: not a complete run folder (no item_map.json)")
+    item_map = read_json(map_path)
+    saved = item_map.get("fingerprint") if isinstance(item_map, dict) else None
+    if not isinstance(saved, str):
+        raise AthweError(f"{map_path}: has no item-map fingerprint")
     if saved != data.item_fingerprint:
         raise AthweError(f"{run}: item map {saved} does not match dataset {cfg.data.dataset} ({data.item_fingerprint})")
     try:
