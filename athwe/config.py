@@ -197,8 +197,18 @@ def validate(cfg: RunConfig) -> None:
     valid_metrics = {f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in KS}
     if cfg.train.valid_metric not in valid_metrics:
         raise ConfigError(f"train.valid_metric {cfg.train.valid_metric!r} is not one of {', '.join(sorted(valid_metrics))}")
-    if cfg.data.max_seq_length < 1 or cfg.train.batch_size < 1 or cfg.train.epochs < 0:
-        raise ConfigError("max_seq_length and batch_size must be >= 1 and epochs >= 0")
+    t = cfg.train
+    for key, value in (("data.max_seq_length", cfg.data.max_seq_length), ("train.batch_size", t.batch_size),
+                       ("train.eval_batch_size", t.eval_batch_size), ("train.epochs", t.epochs),
+                       ("train.patience", t.patience)):
+        if value < 1:
+            raise ConfigError(f"{key} must be at least 1, got {value}")
+    if not t.lr > 0 or t.lr != t.lr or t.lr == float("inf"):
+        raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
+    if not t.weight_decay >= 0 or t.weight_decay == float("inf"):
+        raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.num_threads < 0:
+        raise ConfigError(f"train.num_threads must be >= 0 (0 = torch's default), got {t.num_threads}")
     if cfg.data.kcore < 0:
         raise ConfigError(f"data.kcore must be >= 0 (0 = no filtering), got {cfg.data.kcore}")
     build_model_config(cfg.model, cfg.model_args)  # unknown model or model key -> ConfigError

@@ -106,3 +106,22 @@ def test_index_mismatch_is_refused_and_cli(tmp_path):
     (run / "index.json").write_text(json.dumps(meta))
     res = runner.invoke(app, ["retrieve", "--run", str(run), "--user", "u3"])
     assert res.exit_code == 2 and "item map" in res.stderr
+
+
+@pytest.mark.parametrize("kind,knobs,needle", [
+    ("hnsw", {"hnsw_m": 1}, "--hnsw-m must be at least 2"),
+    ("hnsw", {"ef_search": 0}, "--ef-construction and --ef-search"),
+    ("ivfpq", {"nlist": 301}, "--nlist must be between 1 and the 300 training vectors"),
+    ("ivfpq", {"nlist": 0}, "--nlist must be between"),
+    ("ivfpq", {"pq_m": 0}, "--pq-m must be at least 1"),
+    ("ivfpq", {"nprobe": 0}, "--nprobe must be at least 1"),
+])
+def test_index_knobs_faiss_would_abort_on_are_one_line_errors(kind, knobs, needle):
+    from athwe.errors import AthweError
+
+    x = np.random.default_rng(0).standard_normal((300, 8)).astype(np.float32)
+    with pytest.raises(AthweError, match=needle):
+        build_index(x, kind, **knobs)
+    with pytest.raises(AthweError, match="needs at least 256 items"):
+        build_index(x[:200], "ivfpq")
+

@@ -109,6 +109,15 @@ def test_config_precedence(tmp_path, monkeypatch):
         resolve_config("sasrec", "X", overrides=["train.epochs=abc"])
     with pytest.raises(ConfigError, match="data.kcore must be >= 0"):
         resolve_config("sasrec", "X", overrides=["data.kcore=-2"])
+    for bad, needle in (("train.epochs=0", "train.epochs must be at least 1"),
+                        ("train.patience=0", "train.patience must be at least 1"),
+                        ("train.eval_batch_size=0", "train.eval_batch_size must be at least 1"),
+                        ("data.max_seq_length=0", "data.max_seq_length must be at least 1"),
+                        ("train.lr=-0.001", "train.lr must be a positive number"), ("train.lr=0", "train.lr must be"),
+                        ("train.weight_decay=-1", "train.weight_decay must be >= 0"),
+                        ("train.num_threads=-1", "train.num_threads must be >= 0")):
+        with pytest.raises(ConfigError, match=needle):
+            resolve_config("sasrec", "X", overrides=[bad])
 
 
 def _cli(args, tmp_path):
@@ -178,6 +187,8 @@ def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path, monkeypatch):
         res = _cli(["evaluate", "--run", str(run), "--json", "--batch-size", bs], tmp_path)
         assert res.exit_code == 0
         assert json.loads(res.stdout)["test"] == saved
+    res = _cli(["evaluate", "--run", str(run), "--batch-size", "0"], tmp_path)
+    assert res.exit_code == 2 and "--batch-size must be at least 1" in res.stderr
     # a run trained with --device cuda evaluates on a machine without a GPU (on the CPU)
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     cfg["train"]["device"] = "cuda"

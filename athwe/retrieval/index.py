@@ -42,6 +42,28 @@ def file_fingerprint(path: Path) -> str:
     return hash_file(path).hexdigest()[:16]
 
 
+def _check_knobs(kind: str, n: int, d: int, *, hnsw_m: int, ef_construction: int, ef_search: int,
+                 nlist: int | None, pq_m: int | None, nprobe: int, refine: int, train_points: int) -> None:
+    """Reject settings FAISS would abort on (or assert in C++) with a one-line error naming the option."""
+    if n < 1:
+        raise AthweError("no item vectors to index")
+    if kind == "hnsw":
+        if hnsw_m < 2:
+            raise AthweError(f"--hnsw-m must be at least 2, got {hnsw_m}")
+        if ef_construction < 1 or ef_search < 1:
+            raise AthweError(f"--ef-construction and --ef-search must be at least 1, got {ef_construction} and {ef_search}")
+    if kind == "ivfpq":
+        if nlist is not None and not 1 <= nlist <= train_points:
+            raise AthweError(f"--nlist must be between 1 and the {train_points:,} training vectors, got {nlist}")
+        if pq_m is not None and pq_m < 1:
+            raise AthweError(f"--pq-m must be at least 1, got {pq_m}")
+        if nprobe < 1 or refine < 0:
+            raise AthweError(f"--nprobe must be at least 1 and --refine at least 0, got {nprobe} and {refine}")
+        if train_points < 256:
+            raise AthweError(f"ivfpq trains 256-entry codebooks and needs at least 256 items; this catalogue has {n:,} "
+                             f"(use --kind flat or hnsw)")
+
+
 def build_index(vectors: np.ndarray, kind: str = "auto", hnsw_m: int = 32, ef_construction: int = 200,
                 ef_search: int = 128, nlist: int | None = None, pq_m: int | None = None, nprobe: int = 32,
                 refine: int = 10, train_size: int = 100_000, seed: int = 0) -> tuple[Any, dict[str, Any]]:
@@ -54,6 +76,8 @@ def build_index(vectors: np.ndarray, kind: str = "auto", hnsw_m: int = 32, ef_co
     if kind == "auto":
         kind = "flat" if n <= EXACT_MAX_ITEMS else "ivfpq"
     knobs: dict[str, Any] = {}
+    _check_knobs(kind, n, d, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search, nlist=nlist,
+                 pq_m=pq_m, nprobe=nprobe, refine=refine, train_points=min(n, train_size))
     if kind == "flat":
         base = faiss.IndexFlatIP(d)
     elif kind == "hnsw":

@@ -447,6 +447,8 @@ def evaluate_run(run_dir: str | Path, split_name: str = "test", history: str | N
 def evaluate_run_rows(run_dir: str | Path, split_name: str = "test", history: str | None = None,
                       batch_size: int | None = None) -> tuple[dict[str, Any], torch.Tensor, torch.Tensor]:
     """evaluate_run's result, plus each evaluated row's user index and target rank."""
+    if batch_size is not None and batch_size < 1:
+        raise AthweError(f"--batch-size must be at least 1, got {batch_size}")
     model, data, cfg = load_run_model(run_dir)
     if history:
         cfg.data.history = history
