@@ -187,6 +187,11 @@ def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path, monkeypatch):
         res = _cli(["evaluate", "--run", str(run), "--json", "--batch-size", bs], tmp_path)
         assert res.exit_code == 0
         assert json.loads(res.stdout)["test"] == saved
+    before = {p.name: p.read_bytes() for p in run.iterdir()}
+    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--run-dir", str(run),
+                "--epochs", "1"], tmp_path)  # another training into a finished run's folder
+    assert res.exit_code == 2 and "already holds a run" in res.stderr and "--resume" in res.stderr
+    assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     res = _cli(["evaluate", "--run", str(run), "--batch-size", "0"], tmp_path)
     assert res.exit_code == 2 and "--batch-size must be at least 1" in res.stderr
     # a run trained with --device cuda evaluates on a machine without a GPU (on the CPU)

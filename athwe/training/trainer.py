@@ -350,6 +350,14 @@ def save_run_files(run_dir: Path, cfg: RunConfig, data: SequenceData) -> None:
 def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = print, progress: bool = True,
           stop_after: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Train a model from a resolved config into a new run folder; returns (run_dir, results)."""
+    if run_dir is not None:
+        target = Path(run_dir)
+        if target.exists() and not target.is_dir():
+            raise AthweError(f"{target}: --run-dir is a file, not a folder")
+        if target.is_dir() and any(target.iterdir()):
+            what = "a run" if (target / "config.yaml").is_file() else "files"
+            raise AthweError(f"{target}: already holds {what}; continue a run with `athwe train --resume {target}`, "
+                             f"or pass a new or empty --run-dir")
     data, split = load_data(cfg)
     printer(f"{cfg.data.dataset}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions; "
             f"{len(split.train)} training samples ({cfg.data.preset} preset, N={cfg.data.max_seq_length})")
