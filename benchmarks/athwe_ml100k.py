@@ -111,6 +111,11 @@ def mean_std(vals: list[float]) -> str:
     return f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else "")
 
 
+def pair_seeds_cell(pair: dict[str, Any]) -> str:
+    seeds = pair.get("seeds")
+    return ",".join(str(x) for x in seeds) if seeds else "all"  # tables before the seeds column used all
+
+
 def earlier_pair(a: dict[str, Any], b: dict[str, Any], earlier: dict[str, Any]) -> dict[str, Any] | None:
     """The earlier table's comparison of rows `a` and `b` when both rows still hold the same runs."""
     runs = {r.get("variant"): [x.get("run_dir") for x in r.get("runs", [])] for r in earlier.get("rows", [])}
@@ -138,8 +143,9 @@ def paired_rows(rows: list[dict[str, Any]], stored: Stored | None = None,
         todo += [(r, athwe[0]) for r in athwe[1:]]
     out, missing = [], []
     for a, b in todo:
+        runs_a, runs_b, seeds = shared_seed_runs(a, b)
         try:
-            stats = compare_rows(a["runs"], b["runs"], k=10, stored=stored)
+            stats = compare_rows(runs_a, runs_b, k=10, stored=stored)
         except (OSError, ValueError) as e:  # a run folder gone or changed: leave the pair out, say why
             kept = earlier_pair(a, b, earlier or {})
             if kept is not None:
@@ -148,8 +154,19 @@ def paired_rows(rows: list[dict[str, Any]], stored: Stored | None = None,
             print(f"paired comparison {a['variant']} vs {b['variant']} left out: {e}", file=sys.stderr, flush=True)
             missing.append(f"{a['variant']} vs {b['variant']} ({e})")
             continue
-        out.append({"variant": a["variant"], "against": b["variant"], **stats})
+        out.append({"variant": a["variant"], "against": b["variant"], "seeds": seeds, **stats})
     return out, missing
+
+
+def shared_seed_runs(a: dict[str, Any], b: dict[str, Any]) -> tuple[list, list, list[int] | None]:
+    """The two rows' runs on the seeds both rows have, so that a row trained on fewer seeds (an
+    ablation) is set against the same seeds of the other, not against its mean over more; with no
+    seed in common, every run of each row (seeds None)."""
+    shared = {x["seed"] for x in a["runs"]} & {x["seed"] for x in b["runs"]}
+    if not shared:
+        return a["runs"], b["runs"], None
+    return ([x for x in a["runs"] if x["seed"] in shared], [x for x in b["runs"] if x["seed"] in shared],
+            sorted(shared))
 
 
 def keep_ranks(out: str, rows: list[dict[str, Any]], stored: Stored) -> None:
@@ -214,12 +231,17 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
                   f"relative difference of the means, and its 95% interval and share of draws ahead over "
                   f"{pairs[0]['resamples']:,} bootstrap resamples of the users (the spread that comes from which "
                   "users are tested; training noise enters only through the seeds averaged).", "",
-                  "| variant | against | NDCG@10 difference | 95% interval | ahead in |", "|---|---|---|---|---|"]
-        lines += [f"| {p['variant']}{' †' if p.get('carried') else ''} | {p['against']} | {p['rel']:+.1%} | [{p['lo']:+.1%}, {p['hi']:+.1%}] | "
-                  f"{p['ahead']:.0%} |" for p in pairs]
+                  "Two rows are compared on the seeds both have (column seeds); without a seed in common, "
+                  "on all of each row's seeds (column: all).", "",
+                  "| variant | against | seeds | NDCG@10 difference | 95% interval | ahead in |", "|---|---|---|---|---|---|"]
+        lines += [f"| {p['variant']}{' †' if p.get('carried') else ''} | {p['against']} | {pair_seeds_cell(p)} | {p['rel']:+.1%} | "
+                  f"[{p['lo']:+.1%}, {p['hi']:+.1%}] | {p['ahead']:.0%} |" for p in pairs]
         if any(p.get("carried") for p in pairs):
             lines += ["", "Comparisons marked † are the earlier table's: their rows are unchanged, and the per-user "
-                      "ranks of their runs were not kept then."]
+                      "ranks of their runs were not kept then." + (
+                          " Those without a seeds list there were made on all of each row's seeds, before rows were "
+                          "matched on their shared seeds." if any(p.get("carried") and "seeds" not in p for p in pairs)
+                          else "")]
     if missing:
         lines += ["", "Not compared (no per-user test ranks for a run): " + "; ".join(missing) + "."]
     if any(x.get("carried") for r in rows for x in r["runs"]):

@@ -455,6 +455,12 @@ def test_paired_comparisons_survive_the_run_folders(tiny_data_dir, tmp_path):
     shutil.rmtree(tmp_path / "runs")
     pairs, missing = athwe_ml100k.paired_rows(rows, stored)
     assert not missing and pairs[0]["rel"] == before["rel"] and pairs[0]["lo"] == before["lo"]
+    assert pairs[0]["seeds"] == [1, 2]
+    # a row trained on fewer seeds is set against the same seeds of the other row, not its mean over more
+    one_seed = [rows[0], {**rows[1], "runs": rows[1]["runs"][1:]}]
+    pairs, missing = athwe_ml100k.paired_rows(one_seed, stored)
+    same = compare_rows(rows[0]["runs"][1:], rows[1]["runs"][1:], stored=stored)
+    assert not missing and pairs[0]["seeds"] == [2] and pairs[0]["rel"] == same["rel"] != before["rel"]
     # no stored ranks: the earlier figures while the rows are unchanged, marked carried
     pairs, missing = athwe_ml100k.paired_rows(rows, {}, earlier)
     assert pairs[0]["carried"] and pairs[0]["rel"] == before["rel"] and not missing
