@@ -57,6 +57,14 @@ def test_exact_index_top_k_equals_full_scoring(tmp_path, model, exclude):
         assert all(float(s[i]) >= kth - 1e-5 for i in ids)
         if exclude:
             assert not set(ids) & set(r.history(u).tolist())
+    if model == "sasrec" and exclude:  # the Python API rejects what the CLI rejects
+        from athwe.errors import AthweError
+
+        with pytest.raises(AthweError, match="-k must be at least 1"):
+            r.search(users[:1], 0)
+        with pytest.raises(AthweError, match="--batch-size must be at least 1"):
+            r.write_all(tmp_path / "all.jsonl", batch_size=0)
+        assert not (tmp_path / "all.jsonl").exists()
 
 
 def test_approximate_indexes_have_high_recall():

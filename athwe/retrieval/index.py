@@ -218,6 +218,8 @@ class Retriever:
         return self.user_index[user]
 
     def search(self, users: list[int], k: int = 10, exclude_history: bool = True) -> list[list[Recommendation]]:
+        if k < 1:
+            raise AthweError(f"-k must be at least 1, got {k}")
         device = next(self.model.parameters()).device
         with torch.inference_mode():
             q = self.model.query_vectors(self.user_batch(users).to(device)).float().cpu().numpy()
@@ -241,6 +243,8 @@ class Retriever:
         """Top-k for every user as JSON lines {user, items, scores}, written atomically."""
         from tqdm.auto import tqdm
 
+        if batch_size < 1:
+            raise AthweError(f"--batch-size must be at least 1, got {batch_size}")
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for start in tqdm(range(0, self.data.n_users, batch_size), desc="users", unit="batch", disable=None):
                 users = list(range(start, min(start + batch_size, self.data.n_users)))
