@@ -109,6 +109,11 @@ def test_config_precedence(tmp_path, monkeypatch):
         resolve_config("sasrec", "X", overrides=["train.epochs=abc"])
     with pytest.raises(ConfigError, match="data.kcore must be >= 0"):
         resolve_config("sasrec", "X", overrides=["data.kcore=-2"])
+    built = tiny_cfg(tmp_path, tmp_path / "runs")
+    built.train.lr = -1.0  # a config assembled in Python is checked by train() too, before any folder exists
+    with pytest.raises(ConfigError, match="train.lr must be a positive number"):
+        tr.train(built)
+    assert not (tmp_path / "runs").exists()
     for bad, needle in (("train.epochs=0", "train.epochs must be at least 1"),
                         ("train.patience=0", "train.patience must be at least 1"),
                         ("train.eval_batch_size=0", "train.eval_batch_size must be at least 1"),

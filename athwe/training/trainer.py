@@ -21,7 +21,7 @@ from torch import nn
 import yaml
 from tqdm.auto import tqdm
 
-from athwe.config import RunConfig, config_from_dict, history_mode, load_yaml
+from athwe.config import RunConfig, config_from_dict, history_mode, load_yaml, validate
 from athwe.dataset.sequences import SequenceData, load_sequences
 from athwe.dataset.split import Batch, SampleSet, Split, build_split
 from athwe.errors import AthweError, ConfigError, DataError
@@ -350,6 +350,7 @@ def save_run_files(run_dir: Path, cfg: RunConfig, data: SequenceData) -> None:
 def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = print, progress: bool = True,
           stop_after: int | None = None) -> tuple[Path, dict[str, Any]]:
     """Train a model from a resolved config into a new run folder; returns (run_dir, results)."""
+    validate(cfg)  # a RunConfig built in Python gets the checks resolve_config applies
     if run_dir is not None:
         target = Path(run_dir)
         if target.exists() and not target.is_dir():
