@@ -202,3 +202,24 @@ def test_lookup_matches_indexing_with_a_reproducible_backward():
         torch.set_num_threads(threads)
     torch.testing.assert_close(grads[0], expected, rtol=1e-4, atol=1e-4)  # same sums, another order
     assert all(torch.equal(grads[0], other) for other in grads[1:])
+
+
+def test_ce_padding_adds_the_padding_column_as_a_negative(name):
+    """model_args.ce_padding: CE over all n_items + 1 rows (the reference code bases' loss), so the
+    loss is larger by exactly the padding column's share; the default leaves padding out."""
+    batch = make_batch()
+    losses = {}
+    for flag in (False, True):
+        torch.manual_seed(0)
+        features = random_features(N_ITEMS) if get_entry(name).needs_features else None
+        model = create_model(name, N_ITEMS, N, {**small_config(name), "ce_padding": flag}, "ce", features=features).eval()
+        torch.manual_seed(1)
+        losses[flag] = model.loss(batch)
+        if flag:
+            q, items = model.query_vectors(batch), model.item_vectors()
+            logits = q @ items.t()
+            without = logits.clone()
+            without[:, 0] = float("-inf")
+            expected = (torch.logsumexp(logits, 1) - torch.logsumexp(without, 1)).mean()
+    torch.testing.assert_close(losses[True] - losses[False], expected, rtol=1e-4, atol=1e-6)
+    assert expected > 0

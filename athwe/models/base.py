@@ -35,6 +35,9 @@ class EncoderConfig:
     attn_dropout: float = 0.5
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
+    # CE over the padding column too, as a negative (the BSARec/WEARec and RecBole code score all
+    # n_items + 1 embedding rows, so the padding row is trained); default: padding is left out
+    ce_padding: bool = False
 
 
 class SequentialRecommender(nn.Module):
@@ -78,7 +81,8 @@ class SequentialRecommender(nn.Module):
         items = self.item_vectors()
         if self.loss_type == "ce":
             logits = q @ items.t()
-            logits[:, 0] = float("-inf")  # padding is never a valid prediction
+            if not getattr(self.config, "ce_padding", False):
+                logits[:, 0] = float("-inf")  # padding is never a valid prediction
             main = F.cross_entropy(logits, batch.target)
         else:
             if batch.neg is None:
