@@ -12,6 +12,7 @@ An unknown section or key anywhere is an error. The resolved config is saved in 
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import typing
 from dataclasses import dataclass, field
@@ -203,9 +204,9 @@ def validate(cfg: RunConfig) -> None:
                        ("train.patience", t.patience)):
         if value < 1:
             raise ConfigError(f"{key} must be at least 1, got {value}")
-    if not t.lr > 0 or t.lr != t.lr or t.lr == float("inf"):
+    if not 0 < t.lr < math.inf:  # also false for NaN
         raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
-    if not t.weight_decay >= 0 or t.weight_decay == float("inf"):
+    if not 0 <= t.weight_decay < math.inf:
         raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
     if t.num_threads < 0:
         raise ConfigError(f"train.num_threads must be >= 0 (0 = torch's default), got {t.num_threads}")

@@ -15,3 +15,10 @@ class ConfigError(AthweError):
 
 class FeatureError(AthweError):
     """Item features are missing, incomplete, misaligned, or a feature model cannot be loaded."""
+
+
+def brief(e: BaseException) -> str:
+    """The first sentence of an exception's message (its type name when it has none), for the
+    one-line errors that wrap a library's multi-line exception."""
+    text = str(e).strip()
+    return text.splitlines()[0].split(". ")[0].rstrip(".") if text else type(e).__name__

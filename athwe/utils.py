@@ -13,7 +13,7 @@ from typing import Any, Iterator, Protocol
 import numpy as np
 import torch
 
-from athwe.errors import AthweError, ConfigError
+from athwe.errors import AthweError, ConfigError, brief
 
 
 def resolve_device(device: str | None = None) -> torch.device:
@@ -39,8 +39,7 @@ def resolve_device(device: str | None = None) -> torch.device:
         try:
             torch.empty(0, device=dev)
         except (RuntimeError, AssertionError, NotImplementedError) as e:  # e.g. mps on a build without it
-            reason = str(e).splitlines()[0].split(". ")[0].rstrip(".")
-            raise ConfigError(f"device {device!r} is not usable here ({reason}); use auto, cpu or cuda") from None
+            raise ConfigError(f"device {device!r} is not usable here ({brief(e)}); use auto, cpu or cuda") from None
     return dev
 
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 from athwe.config import RunConfig, config_from_dict, history_mode, load_yaml, validate
 from athwe.dataset.sequences import SequenceData, load_sequences
 from athwe.dataset.split import Batch, SampleSet, Split, build_split
-from athwe.errors import AthweError, ConfigError, DataError
+from athwe.errors import AthweError, ConfigError, DataError, brief
 from athwe.evaluation.metrics import evaluate
 from athwe.models import create_model
 from athwe.models.base import SequentialRecommender
@@ -130,8 +130,7 @@ def load_checkpoint(path: Path, map_location: Any = "cpu") -> Any:
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable checkpoint is reported the same way
-        reason = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
-        raise AthweError(f"{path}: not a readable checkpoint ({reason}); it may be truncated") from None
+        raise AthweError(f"{path}: not a readable checkpoint ({brief(e)}); it may be truncated") from None
 
 
 def load_weights(model: nn.Module, state: Any, path: Path) -> None:
@@ -402,8 +401,7 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     try:
         trainer.load_state(ckpt)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise AthweError(f"{last}: not a checkpoint of this run ({type(e).__name__}: {reason})") from None
+        raise AthweError(f"{last}: not a checkpoint of this run ({type(e).__name__}: {brief(e)})") from None
     # drop epoch records written after the checkpoint (a kill between the two writes) and a line
     # cut short by a kill during its append
     mpath = run / "metrics.jsonl"
