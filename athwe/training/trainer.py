@@ -306,13 +306,17 @@ class Trainer:
         return results
 
 
-def _epoch_of(line: str) -> float:
-    """The epoch of a metrics.jsonl line; inf for a blank, damaged or foreign line."""
-    try:
-        epoch = json.loads(line)["epoch"]
-    except (ValueError, KeyError, TypeError):
-        return math.inf
-    return epoch if isinstance(epoch, int) else math.inf
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    """The epoch records of a metrics.jsonl, skipping blank lines and a line cut short by a kill."""
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("epoch"), int):
+            rows.append(record)
+    return rows
 
 
 def write_curves(run_dir: Path) -> None:
@@ -320,7 +324,7 @@ def write_curves(run_dir: Path) -> None:
     path = run_dir / "metrics.jsonl"
     if not path.is_file():
         return
-    rows = [json.loads(line) for line in path.read_text().splitlines() if _epoch_of(line) < math.inf]
+    rows = read_metrics(path)
     if not rows:
         return
     import matplotlib
@@ -406,8 +410,8 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     # cut short by a kill during its append
     mpath = run / "metrics.jsonl"
     if mpath.is_file():
-        rows = [r for r in mpath.read_text().splitlines() if _epoch_of(r) <= trainer.epoch]
-        atomic_write_text(mpath, "".join(r + "\n" for r in rows))
+        rows = [r for r in read_metrics(mpath) if r["epoch"] <= trainer.epoch]
+        atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows))  # as fit() appends them
     printer(f"resuming {run} after epoch {trainer.epoch} (best {cfg.train.valid_metric} {trainer.best_metric:.4f} at epoch {trainer.best_epoch})")
     return trainer.fit(stop_after=stop_after)
 
