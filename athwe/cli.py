@@ -149,8 +149,6 @@ def retrieve(
             raise AthweError("pass exactly one of --user or --all-users")
         if k < 1:
             raise AthweError("-k must be at least 1")
-        if batch_size < 1:
-            raise AthweError(f"--batch-size must be at least 1, got {batch_size}")
         retriever = Retriever(run or _latest_run(runs_dir))
         if all_users:
             if out is None:

@@ -312,12 +312,7 @@ def extract_features(
         raise FeatureError("nothing to extract: text, image and categories are all disabled")
     if kcore < 0:
         raise FeatureError(f"kcore must be >= 0, got {kcore}")
-    try:
-        dev = resolve_device(device)
-    except RuntimeError:
-        raise FeatureError(f"invalid device {device!r} (auto, cpu, cuda, cuda:1, ...)") from None
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise FeatureError(f"device {device!r} requested but CUDA is not available (use --device cpu or auto)")
+    dev = resolve_device(device)  # a device the machine lacks is a ConfigError there
     t_start = time.perf_counter()
     if dataset == DEMO:
         from athwe.dataset.demo import ensure_demo
