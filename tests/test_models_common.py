@@ -223,3 +223,23 @@ def test_ce_padding_adds_the_padding_column_as_a_negative(name):
             expected = (torch.logsumexp(logits, 1) - torch.logsumexp(without, 1)).mean()
     torch.testing.assert_close(losses[True] - losses[False], expected, rtol=1e-4, atol=1e-6)
     assert expected > 0
+
+
+# a parameter the Linear/Embedding/LayerNorm init leaves alone, per model with such parameters
+UNTOUCHED_BY_INIT = {"wearec": "layer.detail_scale", "bsarec": "filter.sqrt_beta", "asrec": "samm.w_gate"}
+
+
+@pytest.mark.parametrize("name", sorted(UNTOUCHED_BY_INIT))
+def test_copy_first_block_repeats_the_first_blocks_initial_values(name):
+    """model_args.copy_first_block: the reference code bases deep-copy their first block, so the
+    parameters the weight init does not redraw start equal in every block; Linear layers are still
+    drawn per block. The default draws every block's parameters afresh."""
+    for flag in (False, True):
+        torch.manual_seed(0)
+        model = create_model(name, N_ITEMS, N, {**small_config(name), "copy_first_block": flag}, "ce")
+        blocks = model.layers if name == "asrec" else model.blocks
+        first, second = blocks[0].state_dict(), blocks[1].state_dict()
+        key = UNTOUCHED_BY_INIT[name]
+        assert torch.equal(first[key], second[key]) == flag
+        linear = next(k for k in first if k.endswith("dense_1.weight"))
+        assert not torch.equal(first[linear], second[linear])

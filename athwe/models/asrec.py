@@ -59,7 +59,7 @@ from torch import nn
 
 from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
-from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model, stack_blocks
 from athwe.models.fearec import right_pad
 from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, attention_mask,
                                  dropout, init_weights)
@@ -289,7 +289,7 @@ class ASRec(SequentialRecommender):
         c = config
         self.embedding = SequenceEmbedding(n_items, max_seq_length, c.hidden_size, c.hidden_dropout, c.layer_norm_eps)
         self.fsm = FSM(c.hidden_size, c.fsm_mix, c.es_scale)
-        self.layers = nn.ModuleList(ASRecLayer(c, max_seq_length) for _ in range(c.num_layers))
+        self.layers = stack_blocks(lambda: ASRecLayer(c, max_seq_length), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))  # Linear/Embedding/LayerNorm only
 
     def _full_width(self, input_ids: torch.Tensor) -> torch.Tensor:

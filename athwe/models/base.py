@@ -8,6 +8,7 @@ A model is an nn.Module with:
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 from typing import Any, Callable
 
@@ -20,6 +21,15 @@ from athwe.errors import ConfigError
 from athwe.models.layers import attention_mask, lookup
 
 LOSSES = ("ce", "bce")
+
+
+def stack_blocks(make: Callable[[], nn.Module], num: int, copy_first: bool = False) -> nn.ModuleList:
+    """`num` blocks from `make()`: each built afresh, or (``copy_first``) the first one built and
+    deep-copied, so its parameters' initial values repeat in every block."""
+    if not copy_first or num <= 1:
+        return nn.ModuleList(make() for _ in range(num))
+    first = make()
+    return nn.ModuleList([first] + [copy.deepcopy(first) for _ in range(num - 1)])
 
 
 @dataclasses.dataclass
@@ -38,6 +48,11 @@ class EncoderConfig:
     # CE over the padding column too, as a negative (the BSARec/WEARec and RecBole code score all
     # n_items + 1 embedding rows, so the padding row is trained); default: padding is left out
     ce_padding: bool = False
+    # build one block and deep-copy it for the others, as the reference code bases do
+    # (copy.deepcopy of the first layer): parameters the weight init leaves alone (WEARec's
+    # wavelet scale T, BSARec's beta, ASRec's SAMM parameters) then start equal in every layer;
+    # Linear, Embedding and LayerNorm are redrawn per layer either way. Default: drawn per layer
+    copy_first_block: bool = False
 
 
 class SequentialRecommender(nn.Module):

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from athwe.errors import ConfigError
-from athwe.models.base import EncoderConfig, StackedEncoder, register_model
+from athwe.models.base import EncoderConfig, StackedEncoder, register_model, stack_blocks
 from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, dropout,
                                  init_weights)
 
@@ -145,5 +145,5 @@ class BSARec(StackedEncoder):
         if c.hidden_size % c.num_heads:
             raise ConfigError(f"bsarec: hidden_size {c.hidden_size} is not a multiple of num_heads {c.num_heads}")
         self.embedding = SequenceEmbedding(n_items, max_seq_length, c.hidden_size, c.hidden_dropout, c.layer_norm_eps)
-        self.blocks = nn.ModuleList(BSARecBlock(c, max_seq_length) for _ in range(c.num_layers))
+        self.blocks = stack_blocks(lambda: BSARecBlock(c, max_seq_length), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))

@@ -5,7 +5,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from athwe.models.base import EncoderConfig, StackedEncoder, register_model
+from athwe.models.base import EncoderConfig, StackedEncoder, register_model, stack_blocks
 from athwe.models.layers import SequenceEmbedding, TransformerBlock, init_weights
 
 
@@ -21,7 +21,7 @@ class SASRec(StackedEncoder):
         super().__init__(config, n_items, max_seq_length, loss_type)
         c = config
         self.embedding = SequenceEmbedding(n_items, max_seq_length, c.hidden_size, c.hidden_dropout, c.layer_norm_eps)
-        self.blocks = nn.ModuleList(
-            TransformerBlock(c.hidden_size, c.num_heads, c.inner_size, c.attn_dropout, c.hidden_dropout, c.layer_norm_eps)
-            for _ in range(c.num_layers))
+        self.blocks = stack_blocks(
+            lambda: TransformerBlock(c.hidden_size, c.num_heads, c.inner_size, c.attn_dropout, c.hidden_dropout,
+                                     c.layer_norm_eps), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))

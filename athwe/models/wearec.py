@@ -33,7 +33,7 @@ from torch import nn
 
 from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
-from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model, stack_blocks
 from athwe.models.layers import Dropout, FeedForward, SequenceEmbedding, init_weights
 
 
@@ -186,7 +186,7 @@ class WEARec(SequentialRecommender):
         if not 0.0 <= c.alpha <= 1.0:
             raise ConfigError(f"wearec: alpha must be in [0, 1], got {c.alpha}")
         self.embedding = SequenceEmbedding(n_items, max_seq_length, c.hidden_size, c.hidden_dropout, c.layer_norm_eps)
-        self.blocks = nn.ModuleList(WEARecBlock(c, max_seq_length) for _ in range(c.num_layers))
+        self.blocks = stack_blocks(lambda: WEARecBlock(c, max_seq_length), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))
 
     def encode(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
