@@ -324,6 +324,9 @@ def extract(
 
 
 def main() -> None:  # pragma: no cover
+    from athwe.utils import keep_freed_memory
+
+    keep_freed_memory()
     app()
 
 

@@ -34,7 +34,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from run_cache import load_avg  # noqa: E402
-from athwe.utils import atomic_write_json, atomic_write_text  # noqa: E402
+from athwe.utils import atomic_write_json, atomic_write_text, keep_freed_memory  # noqa: E402
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 OPTIONAL_MODELS = ("bsarec", "wearec", "fearec", "asrec")
@@ -297,8 +297,10 @@ def main() -> None:
     for name, err in import_errors.items():
         print(f"skipped athwe.models.{name}: {err}", flush=True)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
-           "cores": os.cpu_count(), "python": platform.python_version()}
-    print(f"torch {env['torch']}, {env['threads']} threads, load average {load_avg()}", flush=True)
+           "cores": os.cpu_count(), "python": platform.python_version(),
+           "keep_freed_memory": keep_freed_memory()}  # as the trainer does (athwe.utils)
+    print(f"torch {env['torch']}, {env['threads']} threads, load average {load_avg()}, "
+          f"malloc keeps freed memory: {env['keep_freed_memory']}", flush=True)
     results, failures = [], {}
     for name in names:
         try:
@@ -329,7 +331,8 @@ def main() -> None:
     lines = [
         "# Model training speed (LastFM batches)",
         "",
-        f"Command: `{command}` ({env['threads']} threads on {env['cores']} cores, torch {env['torch']})",
+        f"Command: `{command}` ({env['threads']} threads on {env['cores']} cores, torch {env['torch']}, "
+        f"malloc keeps freed memory: {'yes' if env['keep_freed_memory'] else 'no'})",
         "",
         f"N={args.max_seq_length}, batch {args.batch_size}, published LastFM settings per model, Adam; a step = batch, "
         "loss, backward, optimiser step. Reference anchors (the reference code on this machine, idle, N=50): "

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from torch import nn
-
 from athwe.models.base import EncoderConfig, StackedEncoder, register_model, stack_blocks
 from athwe.models.layers import SequenceEmbedding, TransformerBlock, init_weights
 

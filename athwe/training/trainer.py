@@ -28,8 +28,8 @@ from athwe.errors import AthweError, ConfigError, DataError, brief
 from athwe.evaluation.metrics import evaluate
 from athwe.models import create_model
 from athwe.models.base import SequentialRecommender
-from athwe.utils import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, read_json, resolve_device,
-                         seed_everything)
+from athwe.utils import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, keep_freed_memory,
+                         read_json, resolve_device, seed_everything)
 
 Printer = Callable[[str], None]
 
@@ -173,6 +173,7 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
+        keep_freed_memory()
         features = load_model_features(cfg, data, printer, progress)
         seed_everything(cfg.train.seed)
         self.model: SequentialRecommender = create_model(
