@@ -1,11 +1,15 @@
 """Training throughput of every registered model on LastFM-shaped batches.
 
     python benchmarks/model_speed.py [--models wearec,bsarec] [--max-seq-length 200] [--steps 60]
+    python benchmarks/model_speed.py --models fearec --dataset Beauty --set model_args.variant=bsarec
 
 Each model is built with its published LastFM settings (configs/<model>.yaml, datasets: LastFM),
 N = --max-seq-length (default 50), batch 256, hidden 64, its configured loss (CE unless the config
 says otherwise), Adam with the configured learning rate, and trained on real LastFM training
-batches (3,646 items; /work/shared/data relative to this checkout). A step is what the trainer does
+batches (3,646 items; /work/shared/data relative to this checkout). --dataset takes another
+dataset's batches and settings (Beauty: 12,101 items); --set overrides a config key for every
+model. The peak RSS column is the process's peak after the model: time one model per run to
+read it as that model's. A step is what the trainer does
 per batch: build the batch, loss, zero_grad, backward, Adam step. After warm-up steps the timed
 steps run in --repeats windows; the figure is total steps / total time (the best window is also
 kept). The reference code bases train LastFM at 5.0 (WEARec) and 4.9 (BSARec) steps/s on this
@@ -24,6 +28,7 @@ import argparse
 import importlib
 import os
 import platform
+import resource
 import shlex
 import sys
 import time
@@ -178,8 +183,8 @@ def import_models() -> dict[str, str]:
 
 
 def synthetic_features(n_items: int):
-    """Random 768-d text and image tables and 20 multi-hot categories for the LastFM item count:
-    LastFM has no item text or images, and a multimodal model's step costs the same on any values
+    """Random 768-d text and image tables and 20 multi-hot categories for the catalogue's item count:
+    the BSARec-format datasets have no item text or images, and a multimodal model's step costs the same on any values
     of the same shapes. Throughput only; these runs say nothing about quality."""
     from athwe.feature_extraction.store import FeatureSet
 
@@ -195,14 +200,15 @@ def synthetic_features(n_items: int):
 
 
 def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: int, repeats: int,
-                max_seconds: float, ref_style: bool = False) -> dict:
+                max_seconds: float, ref_style: bool = False, dataset: str = "LastFM",
+                overrides: list[str] | None = None) -> dict:
     from athwe.config import resolve_config
     from athwe.models import create_model
     from athwe.models.base import get_entry
     from athwe.training.trainer import load_data, sample_negatives
 
-    cfg = resolve_config(name, "LastFM", flags={"data.data_dir": str(DATA), "data.max_seq_length": max_len,
-                                                "train.batch_size": batch_size})
+    cfg = resolve_config(name, dataset, overrides=overrides, flags={
+        "data.data_dir": str(DATA), "data.max_seq_length": max_len, "train.batch_size": batch_size})
     data, split = load_data(cfg)
     torch.manual_seed(0)
     features = None
@@ -264,8 +270,13 @@ def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: in
         "contended": cpu / wall < 0.85 * torch.get_num_threads(),
         "load_avg_before": load_before,
         "load_avg_after": load_avg(),
+        # the process's peak so far: the model's own peak when it is the first (or only) one timed
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+        "dataset": dataset,
+        "overrides": list(overrides or []),
     }
-    ref = REFERENCE_STEPS_PER_S.get(name) if max_len == 50 and batch_size == 256 and not ref_style else None
+    anchored = max_len == 50 and batch_size == 256 and dataset == "LastFM" and not overrides and not ref_style
+    ref = REFERENCE_STEPS_PER_S.get(name) if anchored else None
     if ref:
         res["reference_steps_per_s"] = ref
         res["ratio_to_reference"] = round(res["steps_per_s"] / ref, 2)
@@ -285,6 +296,8 @@ def main() -> None:
     ap.add_argument("--with-reference", action="store_true",
                     help="also time a reference-style implementation of wearec/bsarec right after ours")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
+    ap.add_argument("--dataset", default="LastFM", help="dataset whose training batches and published settings are used")
+    ap.add_argument("--set", action="append", default=[], help="config override for every model, e.g. model_args.variant=bsarec")
     ap.add_argument("--out", default="", help="output stem (default benchmarks/results/model_speed, _n<N> appended for N != 50)")
     args = ap.parse_args()
     if args.threads > 0:
@@ -305,7 +318,7 @@ def main() -> None:
     for name in names:
         try:
             r = bench_model(name, args.max_seq_length, args.batch_size, args.steps, args.warmup, args.repeats,
-                            args.max_seconds)
+                            args.max_seconds, dataset=args.dataset, overrides=args.set)
         except Exception as e:  # report and go on with the other models
             failures[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: failed ({failures[name]})", flush=True)
@@ -314,14 +327,14 @@ def main() -> None:
         ratio = f", {r['ratio_to_reference']:.2f}x the reference's {r['reference_steps_per_s']} steps/s" if "ratio_to_reference" in r else ""
         if args.with_reference and name in REFERENCE_STEPS_PER_S:
             ref = bench_model(name, args.max_seq_length, args.batch_size, args.steps, args.warmup, args.repeats,
-                              args.max_seconds, ref_style=True)
+                              args.max_seconds, ref_style=True, dataset=args.dataset, overrides=args.set)
             results.append(ref)
             r["ratio_to_ref_style_same_load"] = round(r["steps_per_s"] / ref["steps_per_s"], 2)
             ratio += (f"; ref-style {ref['steps_per_s']:.2f} steps/s right after (cpu/wall {ref['cpu_over_wall']}): "
                       f"{r['ratio_to_ref_style_same_load']:.2f}x")
-        print(f"{r['model']:8s} LastFM N={r['max_seq_length']} batch {r['batch_size']} {r['loss']}: {r['steps_per_s']:6.2f} steps/s, "
+        print(f"{r['model']:8s} {args.dataset} N={r['max_seq_length']} batch {r['batch_size']} {r['loss']}: {r['steps_per_s']:6.2f} steps/s, "
               f"{r['samples_per_s']:8.0f} samples/s (best window {r['best_window_steps_per_s']}){ratio}; "
-              f"cpu/wall {r['cpu_over_wall']}, load {r['load_avg_before']} -> {r['load_avg_after']}"
+              f"cpu/wall {r['cpu_over_wall']}, peak RSS {r['peak_rss_mb']} MB, load {r['load_avg_before']} -> {r['load_avg_after']}"
               f"{'  [CONTENDED: another job shared the cores; a lower bound]' if r['contended'] else ''}", flush=True)
 
     stem = args.out or ("benchmarks/results/model_speed" + ("" if args.max_seq_length == 50 else f"_n{args.max_seq_length}"))
@@ -329,17 +342,18 @@ def main() -> None:
     atomic_write_json(stem + ".json", {"command": command, "env": env, "results": results, "failures": failures,
                                        "import_errors": import_errors})
     lines = [
-        "# Model training speed (LastFM batches)",
+        f"# Model training speed ({args.dataset} batches)",
         "",
         f"Command: `{command}` ({env['threads']} threads on {env['cores']} cores, torch {env['torch']}, "
         f"malloc keeps freed memory: {'yes' if env['keep_freed_memory'] else 'no'})",
         "",
-        f"N={args.max_seq_length}, batch {args.batch_size}, published LastFM settings per model, Adam; a step = batch, "
+        f"N={args.max_seq_length}, batch {args.batch_size}, published {args.dataset} settings per model"
+        + (f" with {', '.join(args.set)}" if args.set else "") + ", Adam; a step = batch, "
         "loss, backward, optimiser step. Reference anchors (the reference code on this machine, idle, N=50): "
         "WEARec 5.0, BSARec 4.9 steps/s.",
         "",
-        "| model | params | loss | steps/s | samples/s | best window | vs reference (5.0 / 4.9 idle; ref-style same load) | cpu/wall | load avg before -> after |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| model | params | loss | steps/s | samples/s | best window | vs reference (5.0 / 4.9 idle; ref-style same load) | cpu/wall | peak RSS MB | load avg before -> after |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
         parts = []
@@ -350,16 +364,16 @@ def main() -> None:
         ratio = "; ".join(parts)
         flag = " (contended)" if r["contended"] else ""
         lines.append(f"| {r['model']} | {r['params']:,} | {r['loss']} | {r['steps_per_s']:.2f}{flag} | {r['samples_per_s']:.0f} | "
-                     f"{r['best_window_steps_per_s']:.2f} | {ratio} | {r['cpu_over_wall']} | "
+                     f"{r['best_window_steps_per_s']:.2f} | {ratio} | {r['cpu_over_wall']} | {r['peak_rss_mb']} | "
                      f"{r['load_avg_before']} -> {r['load_avg_after']} |")
     for name, err in {**failures, **{k: v for k, v in import_errors.items()}}.items():
-        lines.append(f"| {name} | failed: {err} | | | | | | | |")
+        lines.append(f"| {name} | failed: {err} | | | | | | | | |")
     lines += ["", "(contended): process CPU time / wall time was below 0.85 x the thread count, i.e. another job "
               "shared the cores during the measurement; with 2 OpenMP threads on a shared 2-core machine every "
               "parallel region waits for a descheduled thread, so such figures can be many times too low. "
               "Re-run on an idle machine (or compare with the ref-style row measured right after)."]
     if any("synthetic features" in r["model"] for r in results):
-        lines += ["", "(synthetic features): LastFM has no item text or images, so multimodal models are timed on "
+        lines += ["", f"(synthetic features): {args.dataset} has no extracted item text or images here, so multimodal models are timed on "
                   "random 768-d text and image tables and 20 random categories of the catalogue's size (ID + text + "
                   "image, the model's full configuration). Speed only; their quality on real features is in "
                   "benchmarks/results/athwe_ml100k.md."]
