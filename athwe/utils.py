@@ -70,9 +70,9 @@ def keep_freed_memory() -> bool:
     and trim thresholds keeps those blocks in the heap: measured here, FEARec's training step on
     Beauty went from about 52,000 page faults to 1,500 and ran 12% faster, for 3% more peak
     memory. The process keeps its peak memory until it exits. Applied once per process; a no-op
-    except on Linux with glibc,
-    when the MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ environment variables already set
-    the thresholds, or when ATHWE_KEEP_FREED_MEMORY=0. Returns whether the thresholds were set."""
+    except on Linux with glibc, when the MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_
+    environment variables already set the thresholds, or when ATHWE_KEEP_FREED_MEMORY=0.
+    Returns whether the thresholds were set."""
     global _malloc_tuned
     if _malloc_tuned is not None:
         return _malloc_tuned
