@@ -357,6 +357,8 @@ def test_config_is_validated():
         make({"modalities": ["id", "audio"]})
     with pytest.raises(ConfigError, match="moe_topk"):
         make({"moe_topk": 9})
+    with pytest.raises(ConfigError, match="copy_first_block does not apply"):
+        make({"copy_first_block": True})
     assert make({"time_scale": "1.5e7"}).config.time_scale == 1.5e7  # YAML 1.1 reads 1.5e7 as a string
 
 

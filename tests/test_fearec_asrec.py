@@ -97,6 +97,8 @@ def test_variants_resolve_and_knobs_override():
         fe.FEARecConfig(variant="nope")
     with pytest.raises(ConfigError):
         fe.FEARecConfig(freq_reg="time")
+    with pytest.raises(ConfigError, match="copy_first_block"):
+        fe.FEARecConfig(copy_first_block=True)
 
 
 def _reference_hybrid_attention(layer, x, mask, training, factor):

@@ -133,6 +133,9 @@ class ATHWEConfig(EncoderConfig):
             raise ConfigError(f"athwe: time_span must be >= 1 and time_scale > 0, got {self.time_span}, {self.time_scale}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"athwe: beta must be in [0, 1], got {self.beta}")
+        if self.copy_first_block:
+            raise ConfigError("athwe: copy_first_block does not apply (its encoders' blocks have no parameters "
+                              "the weight init leaves alone)")
         if self.temperature <= 0 or self.phcl_temperature <= 0:
             raise ConfigError("athwe: temperature and phcl_temperature must be > 0")
         if self.n_clusters < 1 or self.cluster_sample < 2:

@@ -95,6 +95,9 @@ class FEARecConfig(EncoderConfig):
             raise ConfigError(f"fearec global_ratio must be in (0, 1], got {self.global_ratio}")
         if self.topk_factor <= 0:
             raise ConfigError(f"fearec topk_factor must be > 0, got {self.topk_factor}")
+        if self.copy_first_block:
+            raise ConfigError("fearec: copy_first_block does not apply (each layer keeps its own frequency band, "
+                              "and the reference builds every layer afresh)")
 
 
 def frequency_band(n: int, num_layers: int, layer: int, global_ratio: float) -> tuple[int, int]:
