@@ -29,6 +29,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
         _fail(str(e))
     except FileNotFoundError as e:
         _fail(f"{e.filename}: file not found")
+    except OSError as e:  # an output path that is a directory, a parent that is a file, no permission...
+        _fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"{type(e).__name__}: {e}")
     except KeyboardInterrupt:
         typer.echo("interrupted; `athwe train --resume RUN_DIR` continues from the last finished epoch", err=True)
         raise typer.Exit(code=130)
@@ -85,11 +87,14 @@ def evaluate(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-evaluate a run's best checkpoint with full ranking."""
+    from athwe.evaluation.metrics import HISTORY_MODES
     from athwe.training.trainer import evaluate_run, format_results
 
     def go() -> None:
         if split not in ("test", "valid"):
             raise AthweError(f"--split must be test or valid, not {split!r}")
+        if history is not None and history not in HISTORY_MODES:
+            raise AthweError(f"--history must be one of {', '.join(HISTORY_MODES)}, not {history!r}")
         res = evaluate_run(run, split, history, batch_size)
         typer.echo(json.dumps(res, indent=2) if as_json else format_results(res["header"], res[split]))
 
@@ -149,10 +154,15 @@ def retrieve(
             raise AthweError("pass exactly one of --user or --all-users")
         if k < 1:
             raise AthweError("-k must be at least 1")
-        retriever = Retriever(run or _latest_run(runs_dir))
         if all_users:
             if out is None:
                 raise AthweError("--all-users needs --out FILE")
+            if out.is_dir():
+                raise AthweError(f"{out}: --out is a directory; give a file path")
+            if any(p.exists() and not p.is_dir() for p in out.parents):
+                raise AthweError(f"{out}: a parent of --out is a file, not a directory")
+        retriever = Retriever(run or _latest_run(runs_dir))
+        if all_users:
             n = retriever.write_all(out, k, exclude_history, batch_size)
             typer.echo(f"{out}: top-{k} for {n:,} users")
             return

@@ -221,8 +221,16 @@ def history_mode(cfg: RunConfig) -> str:
     return PRESET_HISTORY[cfg.data.preset] if cfg.data.history == "preset" else cfg.data.history
 
 
-def config_from_dict(d: dict[str, Any]) -> RunConfig:
-    cfg = RunConfig(model=d["model"], model_args=dict(d.get("model_args") or {}))
-    _apply_section(cfg.data, d.get("data") or {}, "saved config", "data")
-    _apply_section(cfg.train, d.get("train") or {}, "saved config", "train")
+def config_from_dict(d: dict[str, Any], where: str = "saved config") -> RunConfig:
+    """A run's saved config (its config.yaml), checked as a fresh one is: `where` names it in errors."""
+    margs = d.get("model_args") or {}
+    if not isinstance(margs, dict):
+        raise ConfigError(f"{where}: section 'model_args' must be a mapping")
+    cfg = RunConfig(model=d["model"], model_args=dict(margs))
+    _apply_section(cfg.data, d.get("data") or {}, where, "data")
+    _apply_section(cfg.train, d.get("train") or {}, where, "train")
+    try:
+        validate(cfg)
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
     return cfg

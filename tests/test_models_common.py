@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import io
+import re
 
 import pytest
 import torch
@@ -243,3 +244,22 @@ def test_copy_first_block_repeats_the_first_blocks_initial_values(name):
         assert torch.equal(first[key], second[key]) == flag
         linear = next(k for k in first if k.endswith("dense_1.weight"))
         assert not torch.equal(first[linear], second[linear])
+
+
+@pytest.mark.parametrize("key,value,needle", [
+    ("hidden_size", "abc", "hidden_size must be int"), ("hidden_size", 16.0, "hidden_size must be int"),
+    ("hidden_size", 0, "hidden_size must be >= 1"), ("hidden_size", -8, "hidden_size must be >= 1"),
+    ("num_heads", 0, "num_heads must be >= 1"), ("num_layers", -1, "num_layers must be >= 1"),
+    ("inner_size", 0, "inner_size must be >= 1"), ("num_heads", 3, "not a multiple of num_heads"),
+    ("hidden_dropout", 2, "hidden_dropout must be in [0, 1)"), ("attn_dropout", -0.1, "attn_dropout must be in [0, 1)"),
+    ("copy_first_block", 1, "copy_first_block must be bool"), ("layer_norm_eps", 0, "layer_norm_eps must be > 0"),
+])
+def test_bad_shared_settings_are_config_errors(name, key, value, needle):
+    """Every model's config checks the settings all models share, before any layer is built."""
+    from athwe.errors import ConfigError
+    from athwe.models import build_model_config
+
+    with pytest.raises(ConfigError, match=f"^{name}: .*{re.escape(needle)}"):
+        build_model_config(name, {**small_config(name), key: value})
+    cfg = build_model_config(name, {**small_config(name), "hidden_dropout": 0, "layer_norm_eps": "1e-12"})
+    assert cfg.hidden_dropout == 0.0 and isinstance(cfg.hidden_dropout, float) and cfg.layer_norm_eps == 1e-12

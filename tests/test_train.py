@@ -252,6 +252,22 @@ def test_damaged_or_foreign_checkpoints_are_one_line_errors(tiny_data_dir, tmp_p
         cmd = ["retrieve", "--run", str(run), "--user", "u1"] if name.startswith("index") else ["evaluate", "--run", str(run)]
         assert needle in error(cmd), name
         (run / name).write_bytes(good)
+    good = (run / "config.yaml").read_text()
+    for edit, needle in ((lambda c: c.update(model_args=[1]), "section 'model_args' must be a mapping"),
+                         (lambda c: c["model_args"].update(hidden_size="eight"), "hidden_size must be int"),
+                         (lambda c: c.update(model="nosuch"), "unknown model 'nosuch'")):
+        cfg = yaml.safe_load(good)
+        edit(cfg)
+        (run / "config.yaml").write_text(yaml.safe_dump(cfg))
+        for cmd in (["evaluate", "--run", str(run)], ["retrieve", "--run", str(run), "--user", "u1"]):
+            err = error(cmd)
+            assert "config.yaml: " in err and needle in err, err
+    (run / "config.yaml").write_text(good)
+    assert "--history must be one of none, zero, exclude, not 'bogus'" in error(["evaluate", "--run", str(run), "--history", "bogus"])
+    (tmp_path / "afile").write_text("x")
+    for out, needle in ((tmp_path, "--out is a directory"), (tmp_path / "afile" / "x.jsonl", "a parent of --out is a file")):
+        assert needle in error(["retrieve", "--run", str(run), "--all-users", "--out", str(out)])
+    assert list(tmp_path.glob("*.tmp*")) == []
 
 
 def test_resume_drops_a_metrics_line_cut_short_by_a_kill(tiny_data_dir, tmp_path):

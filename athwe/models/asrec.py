@@ -79,14 +79,13 @@ class ASRecConfig(EncoderConfig):
     v3_init: float = 0.5  # initial MHA weight of the hybrid layer
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.es_scale not in ("reference", "exact"):
             raise ConfigError(f"asrec es_scale {self.es_scale!r} is not one of reference, exact")
         if self.ahff_scope not in ("sample", "batch"):
             raise ConfigError(f"asrec ahff_scope {self.ahff_scope!r} is not one of sample, batch")
         if not 0.0 <= self.ahff_quantile <= 1.0:
             raise ConfigError(f"asrec ahff_quantile must be in [0, 1], got {self.ahff_quantile}")
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"asrec hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
 
 
 def next_fast_len(n: int) -> int:

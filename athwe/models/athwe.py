@@ -32,9 +32,8 @@ masks floor(len * beta) positions, no hard-coded device, K-medoids memory-bounde
 from __future__ import annotations
 
 import copy
-import typing
 import warnings
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import torch
@@ -92,19 +91,7 @@ class ATHWEConfig(EncoderConfig):
     phcl_weight: float = 1.0
 
     def __post_init__(self) -> None:
-        hints = typing.get_type_hints(type(self))
-        for f in fields(self):
-            value, typ = getattr(self, f.name), hints[f.name]
-            if typ is float and isinstance(value, str):  # YAML 1.1 reads 1.5e7 as a string
-                try:
-                    value = float(value)
-                except ValueError:
-                    pass
-            if typ is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if typ in (int, float, bool, str) and (isinstance(value, bool) != (typ is bool) or not isinstance(value, typ)):
-                raise ConfigError(f"athwe: {f.name} must be {typ.__name__}, got {value!r}")
-            setattr(self, f.name, value)
+        super().__post_init__()
         ts = self.time_scale
         if isinstance(ts, str) and ts != "auto":
             try:
@@ -122,8 +109,6 @@ class ATHWEConfig(EncoderConfig):
         if not isinstance(iw, (list, tuple)) or len(iw) != 3 or not all(isinstance(v, (int, float)) for v in iw):
             raise ConfigError(f"athwe: initializer_weight must be 3 numbers (id, text, image), got {iw!r}")
         self.initializer_weight = [float(v) for v in iw]
-        if self.hidden_size % self.num_heads:
-            raise ConfigError(f"athwe: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
         if self.wavelet_J < 1:
             raise ConfigError(f"athwe: wavelet_J must be >= 1, got {self.wavelet_J}")
         if self.routed_experts < 1 or not 1 <= self.moe_topk <= self.routed_experts or self.shared_experts < 0:

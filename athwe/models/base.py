@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import typing
 from typing import Any, Callable
 
 import torch
@@ -53,6 +54,36 @@ class EncoderConfig:
     # wavelet scale T, BSARec's beta, ASRec's SAMM parameters) then start equal in every layer;
     # Linear, Embedding and LayerNorm are redrawn per layer either way. Default: drawn per layer
     copy_first_block: bool = False
+
+    def __post_init__(self) -> None:
+        """Check every plain-typed setting's type (ints given for floats are widened; YAML 1.1
+        reads 1.5e7 as a string, so numeric strings are accepted for floats) and the shared sizes,
+        so a bad value is a one-line ConfigError here rather than a failure deep in a layer."""
+        name = type(self).__name__.removesuffix("Config").lower()
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value, typ = getattr(self, f.name), hints[f.name]
+            if typ is float and isinstance(value, str):
+                try:
+                    value = float(value)
+                except ValueError:
+                    pass
+            if typ is float and isinstance(value, int) and not isinstance(value, bool):
+                value = float(value)
+            if typ in (int, float, bool, str) and (isinstance(value, bool) != (typ is bool) or not isinstance(value, typ)):
+                raise ConfigError(f"{name}: {f.name} must be {typ.__name__}, got {value!r}")
+            setattr(self, f.name, value)
+        for key in ("hidden_size", "num_layers", "num_heads", "inner_size"):
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{name}: {key} must be >= 1, got {getattr(self, key)}")
+        if self.hidden_size % self.num_heads:
+            raise ConfigError(f"{name}: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+        for key in ("hidden_dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ConfigError(f"{name}: {key} must be in [0, 1), got {getattr(self, key)}")
+        if self.layer_norm_eps <= 0 or self.initializer_range < 0:
+            raise ConfigError(f"{name}: layer_norm_eps must be > 0 and initializer_range >= 0, "
+                              f"got {self.layer_norm_eps}, {self.initializer_range}")
 
 
 class SequentialRecommender(nn.Module):

@@ -80,6 +80,7 @@ class FEARecConfig(EncoderConfig):
     padding: str | None = None  # right | left; None: variant's (official right, bsarec left)
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.variant not in VARIANTS:
             raise ConfigError(f"fearec variant {self.variant!r} is not one of {', '.join(VARIANTS)}")
         for key, value in VARIANTS[self.variant].items():

@@ -389,7 +389,7 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     saved = load_yaml(path)
     if not isinstance(saved.get("model"), str):
         raise AthweError(f"{path}: saved run config names no model")
-    return config_from_dict(saved)
+    return config_from_dict(saved, str(path))
 
 
 def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
