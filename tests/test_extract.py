@@ -188,6 +188,29 @@ def test_text_cleaning_and_template(data_root):
         build_item_texts(table, toks, template="{nope}")
 
 
+@pytest.mark.parametrize("template,problem", [("{", "Single '{'"), ("{title:d}", "Unknown format code 'd'"),
+                                              ("{title!x}", "Unknown conversion specifier x"),
+                                              ("{title:{brand}}", "nested field"), ("{}", "positional field")])
+def test_bad_text_template_is_one_line_error_before_any_work(data_root, tiny_bert, monkeypatch, template, problem):
+    table = read_item_table(data_root / "tiny", "tiny")
+    with pytest.raises(FeatureError) as e:
+        build_item_texts(table, _tokens(data_root), template=template)
+    msg = str(e.value)
+    assert f"text template {template!r}" in msg and problem in msg and "\n" not in msg
+
+    def no_model(*a, **kw):
+        raise AssertionError("a text model was loaded for a bad template")
+
+    monkeypatch.setattr(ex, "TextEncoder", no_model)
+    with pytest.raises(FeatureError, match="text template"):
+        _extract(data_root, tiny_bert, text_template=template)
+    assert not (data_root / "tiny" / "features").exists()  # nothing written, not even the folder
+    r = CliRunner().invoke(app, ["extract", "--dataset", "tiny", "--data-dir", str(data_root), "--text-model",
+                                 str(tiny_bert), "--no-image", "--text-template", template], catch_exceptions=False)
+    assert r.exit_code == 2 and r.output.startswith("error: ") and len(r.output.strip().splitlines()) == 1, r.output
+    assert problem in r.output and not (data_root / "tiny" / "features").exists()
+
+
 # ------------------------------------------------------------------------------------------ images
 
 
@@ -264,6 +287,58 @@ def test_no_features_and_fingerprint_mismatch(data_root, tiny_bert):
     torch.save(torch.zeros(3, 16), data_root / "tiny" / "features" / "txt_emb.pt")
     with pytest.raises(FeatureError, match="txt_emb.pt"):
         load_features(data_root / "tiny", toks)
+
+
+def test_damaged_manifest_fields_are_one_line_errors(data_root, tiny_bert, tmp_path):
+    toks = _tokens(data_root)
+    _extract(data_root, tiny_bert)
+    mpath = data_root / "tiny" / "features" / "manifest.json"
+    good = json.loads(mpath.read_text())
+    damaged = [
+        ("item_map", {**good, "item_map": "abc"}),
+        ("item_map", {k: v for k, v in good.items() if k != "item_map"}),
+        ("item_map.fingerprint", {**good, "item_map": {"n_items": 3}}),
+        ("text", {**good, "text": "abc"}),
+        ("text.status", {**good, "text": {**good["text"], "status": 5}}),
+        ("text.file", {**good, "text": {**good["text"], "file": 123}}),
+        ("text.file", {**good, "text": {**good["text"], "file": None}}),
+        ("text.file", {**good, "text": {**good["text"], "file": ""}}),
+        ("text.file", {**good, "text": {**good["text"], "file": "../tiny.inter"}}),
+        ("text.missing", {**good, "text": {**good["text"], "missing": 5}}),
+        ("text.missing", {**good, "text": {**good["text"], "missing": None}}),
+        ("text.missing", {**good, "text": {**good["text"], "missing": [True]}}),
+        ("text.dim", {**good, "text": {**good["text"], "dim": "16"}}),
+        ("text.sha256", {**good, "text": {**good["text"], "sha256": 5}}),
+        ("cat.vocab", {**good, "cat": {**good["cat"], "vocab": "abc"}}),
+    ]
+    for name, manifest in damaged:
+        mpath.write_text(json.dumps(manifest))
+        with pytest.raises(FeatureError) as e:
+            load_features(data_root / "tiny", toks)
+        msg = str(e.value)
+        assert msg.startswith(f"{mpath}: field {name}") and "\n" not in msg, (name, msg)
+    mpath.write_text(json.dumps({**good, "item_map": "abc"}))
+    runs = tmp_path / "runs"
+    r = CliRunner().invoke(app, ["train", "--model", "athwe", "--dataset", "tiny", "--data-dir", str(data_root),
+                                 "--runs-dir", str(runs), "--device", "cpu"], catch_exceptions=False)
+    assert r.exit_code == 2 and len(r.stderr.strip().splitlines()) == 1, r.output  # stdout: the data summary
+    assert r.stderr.startswith("error: ") and "manifest.json: field item_map" in r.stderr
+    assert not runs.exists() or not any(runs.iterdir())
+    mpath.write_text(json.dumps(good))
+    load_features(data_root / "tiny", toks)
+
+
+def test_unreadable_feature_file_is_one_line_error(data_root, tiny_bert):
+    toks = _tokens(data_root)
+    _extract(data_root, tiny_bert)
+    path = data_root / "tiny" / "features" / "txt_emb.pt"
+    for junk in (np.random.default_rng(0).bytes(400), path.read_bytes()[:200]):
+        path.write_bytes(junk)
+        with pytest.raises(FeatureError) as e:
+            load_features(data_root / "tiny", toks)
+        msg = str(e.value)
+        assert msg.startswith(f"{path}: cannot be read as a tensor file") and "\n" not in msg, msg
+        assert "weights_only" not in msg
 
 
 def test_upstream_layout_realigned_by_item2id(data_root, tmp_path):

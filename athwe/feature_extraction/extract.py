@@ -29,7 +29,7 @@ from athwe.feature_extraction.categories import build_categories
 from athwe.feature_extraction.image import (DEFAULT_IMAGE_MODEL, DEFAULT_PRETRAINED, POOLINGS as IMAGE_POOLINGS,
                                             ImageEncoder, pretrained_available)
 from athwe.feature_extraction.items import (MAX_FIELD_CHARS, ItemTable, build_item_texts, read_item_table,
-                                            read_meta_category_paths)
+                                            read_meta_category_paths, template_fields, text_columns)
 from athwe.feature_extraction.store import (CAT_FILE, CAT_VOCAB_FILE, IMAGE_FILE, MANIFEST_FILE, MANIFEST_VERSION,
                                             TEXT_FILE, features_dir, tensor_digest)
 from athwe.feature_extraction.text import DEFAULT_TEXT_MODEL, TextEncoder, packaged_minilm_dir
@@ -312,6 +312,8 @@ def extract_features(
         raise FeatureError("nothing to extract: text, image and categories are all disabled")
     if kcore < 0:
         raise FeatureError(f"kcore must be >= 0, got {kcore}")
+    if text and text_template is not None:
+        template_fields(text_template)  # a malformed template fails here, before any data is read or written
     dev = resolve_device(device)  # a device the machine lacks is a ConfigError there
     t_start = time.perf_counter()
     if dataset == DEMO:
@@ -329,9 +331,11 @@ def extract_features(
             "text_template": text_template, "max_length": max_length, "image_model": image_model,
             "pretrained": pretrained, "image_pooling": image_pooling, "random_image_weights": random_image_weights,
             "batch_size": batch_size, "progress": progress}
+    table = read_item_table(d, dataset)
+    if text and table.path is not None:
+        text_columns(table, text_fields, text_template)  # unknown fields fail before features/ is created
     out.mkdir(parents=True, exist_ok=True)
     results: dict[str, tuple[dict, torch.Tensor | None]] = {}
-    table = read_item_table(d, dataset)
     results["text"] = _extract_text(table, out, dataset, item_tokens, opts, log, dev) if text else \
         ({"status": "disabled"}, None)
     results["image"] = _extract_image(d, out, dataset, item_tokens, opts, log, dev) if image else \

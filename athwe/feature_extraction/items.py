@@ -18,7 +18,7 @@ from pathlib import Path
 
 from athwe.dataset.atomic import read_atomic
 from athwe.dataset.meta import read_meta
-from athwe.errors import DataError, FeatureError
+from athwe.errors import DataError, FeatureError, brief
 
 MAX_FIELD_CHARS = 2000
 ITEM_ID_COLUMNS = ("item_id", "item", "iid", "asin", "parent_asin")
@@ -125,18 +125,47 @@ class ItemTexts:
     template: str | None
 
 
-def build_item_texts(table: ItemTable, item_tokens: list[str], fields: list[str] | None = None,
-                     template: str | None = None) -> ItemTexts:
-    """Compose each item's text from its `.item` row (see the module docstring)."""
+def template_fields(template: str) -> list[str]:
+    """The column names a text template uses, in order; FeatureError naming the template and the
+    problem when it is not a usable format string (checked before any model is loaded)."""
+    def bad(problem: str) -> FeatureError:
+        return FeatureError(f"text template {template!r} is not valid: {problem} (expected a format string over "
+                            f".item columns, e.g. '{{title}}, {{brand}}'; literal braces are written {{{{ and }}}})")
+
+    try:
+        parts = list(string.Formatter().parse(template))
+    except ValueError as e:
+        raise bad(brief(e)) from None
+    names: list[str] = []
+    for _, name, spec, _ in parts:
+        if name is None:
+            continue
+        if not name or name.isdigit():
+            raise bad(f"positional field {{{name}}}; fields are .item column names")
+        if "." in name or "[" in name:
+            raise bad(f"field {{{name}}} uses attribute or index access; fields are plain .item column names")
+        if spec and "{" in spec:
+            raise bad(f"field {{{name}}} has a nested field in its format spec {spec!r}")
+        names.append(name)
+    if not names:
+        raise bad("it uses no field")
+    try:
+        template.format_map({n: "" for n in names})  # a bad conversion or format spec fails on any text
+    except (ValueError, KeyError, IndexError, TypeError) as e:
+        raise bad(brief(e)) from None
+    return names
+
+
+def text_columns(table: ItemTable, fields: list[str] | None = None, template: str | None = None) -> list[str]:
+    """The `.item` columns item text is built from; FeatureError for a bad template or unknown fields."""
     if table.path is None:
         raise FeatureError("no .item file: item text cannot be built")
     if template is not None:
-        names = [f for _, f, _, _ in string.Formatter().parse(template) if f]
+        names = template_fields(template)
         unknown = [n for n in names if n not in table.types]
-        if unknown or not names:
-            raise FeatureError(f"{table.path}: text template {template!r} uses "
-                               f"{'no field' if not names else 'unknown field(s) ' + ', '.join(unknown)}; "
-                               f"columns: {', '.join(table.columns)}")
+        if unknown:
+            raise FeatureError(f"{table.path}: text template {template!r} uses unknown field(s) "
+                               f"{', '.join(unknown)}; columns: {', '.join(table.columns)}")
         columns = list(dict.fromkeys(names))
     elif fields:
         unknown = [f for f in fields if table.resolve(f) is None]
@@ -149,6 +178,13 @@ def build_item_texts(table: ItemTable, item_tokens: list[str], fields: list[str]
         if not columns:
             raise FeatureError(f"{table.path}: none of the default text fields (title, categories, brand or their "
                                f"aliases) is a column; columns: {', '.join(table.columns)} (pass text fields or a template)")
+    return columns
+
+
+def build_item_texts(table: ItemTable, item_tokens: list[str], fields: list[str] | None = None,
+                     template: str | None = None) -> ItemTexts:
+    """Compose each item's text from its `.item` row (see the module docstring)."""
+    columns = text_columns(table, fields, template)
     texts = [""]
     missing: list[dict] = []
     blanked = 0

@@ -23,7 +23,7 @@ from typing import Any
 
 import torch
 
-from athwe.errors import FeatureError
+from athwe.errors import FeatureError, brief
 from athwe.utils import fingerprint_tokens, hash_file
 
 FEATURES_DIR = "features"
@@ -112,7 +112,8 @@ def _load_tensor(path: Path) -> torch.Tensor:
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-        raise FeatureError(f"{path}: cannot be read as a tensor file ({type(e).__name__}: {e})") from None
+        raise FeatureError(f"{path}: cannot be read as a tensor file ({type(e).__name__}: {brief(e)}); "
+                           f"it may be truncated or not a torch file") from None
     if not isinstance(obj, torch.Tensor) or obj.dim() != 2:
         kind = type(obj).__name__ if not isinstance(obj, torch.Tensor) else f"{obj.dim()}-d tensor"
         raise FeatureError(f"{path}: expected a 2-d tensor (items x features), found a {kind}")
@@ -130,16 +131,36 @@ def _check_rows(path: Path, t: torch.Tensor, n_rows: int) -> None:
         raise FeatureError(f"{path}: contains NaN or infinite values")
 
 
-def _mask_from_missing(n_rows: int, missing: list[Any], item_tokens: list[str], where: Path) -> torch.Tensor:
+def _kind(value: Any) -> str:
+    """How a JSON value is named in manifest errors."""
+    return {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "a number",
+            float: "a number"}.get(type(value), type(value).__name__)
+
+
+def _bad_field(mpath: Path, name: str, want: str, value: Any) -> FeatureError:
+    """A one-line error for a manifest field of the wrong type or value."""
+    shown = repr(value) if len(repr(value)) <= 40 else f"{repr(value)[:37]}..."
+    found = "null or nothing" if value is None else f"{_kind(value)} ({shown})"
+    return FeatureError(f"{mpath}: field {name} must be {want}, found {found}; the manifest is "
+                        f"damaged, re-run `athwe extract --overwrite`")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _mask_from_missing(n_rows: int, missing: Any, item_tokens: list[str], where: Path, name: str) -> torch.Tensor:
+    if not isinstance(missing, list):
+        raise _bad_field(where, name, "a list of item ids", missing)
     mask = torch.ones(n_rows, dtype=torch.bool)
     mask[0] = False
     for entry in missing:
         i = entry.get("id") if isinstance(entry, dict) else entry
-        if not isinstance(i, int) or not 1 <= i < n_rows:
-            raise FeatureError(f"{where}: missing-item entry {entry!r} is not an item id in 1..{n_rows - 1}")
+        if not _is_int(i) or not 1 <= i < n_rows:
+            raise FeatureError(f"{where}: field {name}: entry {entry!r} is not an item id in 1..{n_rows - 1}")
         tok = entry.get("item") if isinstance(entry, dict) else None
         if tok is not None and tok != item_tokens[i]:
-            raise FeatureError(f"{where}: missing-item entry {entry!r} does not match item {i} = {item_tokens[i]!r}")
+            raise FeatureError(f"{where}: field {name}: entry {entry!r} does not match item {i} = {item_tokens[i]!r}")
         mask[i] = False
     return mask
 
@@ -153,10 +174,15 @@ def _load_ours(folder: Path, item_tokens: list[str]) -> FeatureSet:
     except (OSError, ValueError) as e:
         raise FeatureError(f"{mpath}: unreadable feature manifest ({e}); re-run `athwe extract --overwrite`") from None
     want = fingerprint_tokens(item_tokens)
-    have = (manifest.get("item_map") or {}).get("fingerprint")
+    item_map = manifest.get("item_map")
+    if not isinstance(item_map, dict):
+        raise _bad_field(mpath, "item_map", "an object with the item-map fingerprint", item_map)
+    have = item_map.get("fingerprint")
+    if not isinstance(have, str):
+        raise _bad_field(mpath, "item_map.fingerprint", "a string", have)
     if have != want:
         raise FeatureError(
-            f"{mpath}: features were extracted for item map {have} ({(manifest.get('item_map') or {}).get('n_items')} "
+            f"{mpath}: features were extracted for item map {have} ({item_map.get('n_items')} "
             f"items) but the dataset's item map is {want} ({len(item_tokens) - 1} items); re-run "
             f"`athwe extract --dataset {folder.parent.name} --overwrite` (with the same --kcore as training)")
     n_rows = len(item_tokens)
@@ -164,29 +190,47 @@ def _load_ours(folder: Path, item_tokens: list[str]) -> FeatureSet:
     parts = [want]
     for key, fname in (("text", TEXT_FILE), ("image", IMAGE_FILE), ("cat", CAT_FILE)):
         info = manifest.get(key)
-        if not isinstance(info, dict) or info.get("status") != "ok":
+        if info is None:
+            continue  # not recorded: not extracted
+        if not isinstance(info, dict):
+            raise _bad_field(mpath, key, "an object", info)
+        status = info.get("status")
+        if not isinstance(status, str):
+            raise _bad_field(mpath, f"{key}.status", "a string (ok, skipped or disabled)", status)
+        if status != "ok":
             continue
-        path = folder / info.get("file", fname)
+        file = info.get("file", fname)
+        if not isinstance(file, str) or not file or file in (".", "..") or Path(file).name != file:
+            raise _bad_field(mpath, f"{key}.file", f"a file name in {folder} (e.g. {fname!r})", file)
+        dim = info.get("dim")
+        if dim is not None and not (_is_int(dim) and dim >= 1):
+            raise _bad_field(mpath, f"{key}.dim", "a positive integer", dim)
+        sha = info.get("sha256")
+        if sha is not None and not isinstance(sha, str):
+            raise _bad_field(mpath, f"{key}.sha256", "a hex digest string", sha)
+        path = folder / file
         if not path.is_file():
             raise FeatureError(f"{path}: listed in {mpath} but missing; re-run `athwe extract --overwrite`")
         t = _load_tensor(path)
         _check_rows(path, t, n_rows)
-        if info.get("dim") is not None and t.shape[1] != info["dim"]:
-            raise FeatureError(f"{path}: {t.shape[1]} columns but {mpath} records dim {info['dim']}")
+        if dim is not None and t.shape[1] != dim:
+            raise FeatureError(f"{path}: {t.shape[1]} columns but {mpath} records dim {dim}")
         digest = tensor_digest(t)
-        if info.get("sha256") and info["sha256"] != digest:
+        if sha and sha != digest:
             raise FeatureError(f"{path}: contents differ from what {mpath} records (file replaced or damaged); "
                                f"re-run `athwe extract --overwrite`")
         parts.append(f"{key}:{digest}")
         if key == "text":
             fs.text = t
-            fs.text_mask = _mask_from_missing(n_rows, info.get("missing", []), item_tokens, mpath)
+            fs.text_mask = _mask_from_missing(n_rows, info.get("missing", []), item_tokens, mpath, "text.missing")
         elif key == "image":
             fs.image = t
-            fs.image_mask = _mask_from_missing(n_rows, info.get("missing", []), item_tokens, mpath)
+            fs.image_mask = _mask_from_missing(n_rows, info.get("missing", []), item_tokens, mpath, "image.missing")
         else:
             fs.cat = t
             vocab = info.get("vocab")
+            if vocab is not None and not (isinstance(vocab, list) and all(isinstance(v, str) for v in vocab)):
+                raise _bad_field(mpath, "cat.vocab", "a list of category names", vocab)
             if vocab is None:
                 vocab = _read_vocab(folder / CAT_VOCAB_FILE)
             if not isinstance(vocab, list) or len(vocab) != t.shape[1]:
