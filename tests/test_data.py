@@ -176,13 +176,46 @@ def test_read_sequence_txt_missing_and_empty(tmp_path):
         read_sequence_txt(write(tmp_path / "e.txt", "\n\n"))
 
 
-@pytest.mark.parametrize("bad", ["0", "a3", "-2", "1.5"])
+def test_read_sequence_txt_not_utf8(tmp_path, cache_dir):
+    p = tmp_path / "data" / "bin" / "bin.txt"
+    p.parent.mkdir(parents=True)
+    p.write_bytes(b"1 2 3\n\xff\xfe 4\n")
+    with pytest.raises(DataError) as ei:
+        read_sequence_txt(p)
+    assert str(ei.value) == f"{p}: not UTF-8 text (invalid start byte)"
+    with pytest.raises(DataError, match="not UTF-8"):
+        load_sequences(tmp_path / "data", "bin")
+
+
+@pytest.mark.parametrize("bad", ["0", "00", "a3", "-2", "1.5", "\u00b2", "\u0663", "\uff13"])
 def test_load_sequences_txt_rejects_bad_item(tmp_path, cache_dir, bad):
-    root = write_txt(tmp_path / "data", "bad", ["1 1 2 3", f"2 4 {bad} 5"])
+    # superscript two, Arabic-Indic three and fullwidth three pass str.isdigit() but are not ids
+    root = write_txt(tmp_path / "data", "bad", ["1 1 2 3", "", f"2 4 {bad} 5"])
     with pytest.raises(DataError) as ei:
         load_sequences(root, "bad")
     msg = str(ei.value)
-    assert "bad.txt" in msg and repr(bad) in msg
+    assert f"{root / 'bad' / 'bad.txt'}:3: user '2' has item {bad!r}" in msg, msg  # line 3: blank lines count
+    assert "integers >= 1" in msg
+
+
+@pytest.mark.parametrize("big", ["99999999999999999999999", str(2**63), str(2**63 - 1), "10000001", "1" + "0" * 5000])
+def test_load_sequences_txt_rejects_too_large_item(tmp_path, cache_dir, big):
+    root = write_txt(tmp_path / "data", "big", ["1 1 2 3", f"2 4 {big} 5"])
+    with pytest.raises(DataError) as ei:
+        load_sequences(root, "big")
+    msg = str(ei.value)
+    assert f"{root / 'big' / 'big.txt'}:2: user '2' has item" in msg and "10,000,000" in msg, msg
+    assert len(msg) < 300 and "\n" not in msg
+
+
+def test_load_sequences_txt_item_id_cap(tmp_path, cache_dir, monkeypatch):
+    monkeypatch.setattr(seqmod, "MAX_TXT_ITEM_ID", 100)
+    root = write_txt(tmp_path / "data", "cap", ["1 1 2 100", "2 0099 5"])
+    data = load_sequences(root, "cap", use_cache=False)
+    assert data.n_items == 100 and data.items.tolist() == [1, 2, 100, 99, 5]
+    write_txt(root, "cap2", ["1 1 2 100", "2 101 5"])
+    with pytest.raises(DataError, match="cap2.txt:2: .* ids above 100 are not supported"):
+        load_sequences(root, "cap2", use_cache=False)
 
 
 # ============================================================================ load_sequences: atomic
@@ -268,6 +301,22 @@ def test_load_errors(tmp_path, cache_dir):
     root = write_inter(tmp_path / "d2", "strts", [("a", "x", "t1")], header="user_id:token\titem_id:token\ttimestamp:token")
     with pytest.raises(DataError, match="timestamp"):
         load_sequences(root, "strts")
+
+
+@pytest.mark.parametrize("header, col, typ", [
+    ("user_id:token_seq\titem_id:token\ttimestamp:float", "user_id", "token_seq"),
+    ("user_id:float\titem_id:token\ttimestamp:float", "user_id", "float"),
+    ("user_id:token\titem_id:token_seq\ttimestamp:float", "item_id", "token_seq"),
+    ("user_id:token\titem_id:float\ttimestamp:float", "item_id", "float"),
+    ("uid:token\tiid:float_seq", "iid", "float_seq"),
+])
+def test_load_atomic_id_columns_must_be_tokens(tmp_path, cache_dir, header, col, typ):
+    rows = [("1", "3", 10), ("1", "4", 20), ("2", "3", 30)]  # valid in every type
+    rows = rows if "timestamp" in header else [r[:2] for r in rows]
+    root = write_inter(tmp_path / "data", "typed", rows, header=header)
+    with pytest.raises(DataError) as ei:
+        load_sequences(root, "typed")
+    assert str(ei.value) == f"{root / 'typed' / 'typed.inter'}: id column {col} must be typed token, not {typ}"
 
 
 # ---------------------------------------------------------------------------- k-core

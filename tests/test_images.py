@@ -270,6 +270,9 @@ def test_collect_urls_needs_metadata(tmp_path):
         collect_image_urls(tmp_path / "x")
     (tmp_path / "x" / "x.item").write_text("item_id:token\timage_url:token\nI1\thttp://h/a.jpg\nI2\t\n")
     assert collect_image_urls(tmp_path / "x") == {"I1": ["http://h/a.jpg"], "I2": []}
+    (tmp_path / "x" / "x.item").write_text("item_id:float\timage_url:token\n1\thttp://h/a.jpg\n")
+    with pytest.raises(DataError, match=r"x\.item: id column item_id must be typed token, not float"):
+        collect_image_urls(tmp_path / "x")
     (tmp_path / "x" / "x.meta.jsonl").write_text('{"item": "I1", "image_urls": ["u"]}\nnot json\n')
     with pytest.raises(DataError, match=r"x\.meta\.jsonl:2: bad metadata record"):
         collect_image_urls(tmp_path / "x")

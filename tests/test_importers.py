@@ -374,6 +374,35 @@ def test_txt(tmp_path):
     assert (s["users"], s["items"], s["interactions"]) == (1, 1, 2)
 
 
+def test_txt_not_utf8_leaves_nothing(tmp_path):
+    p = tmp_path / "raw" / "bin.txt"
+    p.parent.mkdir()
+    p.write_bytes(b"1 2 3\n\xff\xfe 4\n")
+    with pytest.raises(DataError) as ei:
+        import_dataset(p, tmp_path / "d", "e")
+    assert str(ei.value) == f"{p}: not UTF-8 text (invalid start byte)"
+    assert leftovers(tmp_path / "d") == []
+
+
+@pytest.mark.parametrize("ext, header", [
+    ("inter", "timestamp:float\tuser_id:token_seq\titem_id:token\trating:float\tlabel:float"),
+    ("inter", "timestamp:float\tuser_id:token\titem_id:token_seq\trating:float\tlabel:float"),
+    ("item", "item_id:token_seq\tmovie_title:token_seq\tyear:float\tclass:token_seq"),
+    ("user", "user_id:token_seq\tage:float"),
+])
+def test_atomic_id_columns_must_be_tokens(tmp_path, ext, header):
+    src = fx.write_atomic_folder(tmp_path / "raw", "src")
+    path = src["folder"] / f"src.{ext}"
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.write_text("\n".join([header] + lines[1:]) + "\n", encoding="utf-8")
+    col = next(h.split(":")[0] for h in header.split("\t") if h.endswith("_id:token_seq"))
+    with pytest.raises(DataError) as ei:
+        import_dataset(src["folder"], tmp_path / "d", "norm")
+    msg = str(ei.value)
+    assert msg.startswith(f"{path}: ") and f"column {col} must be typed token, not token_seq" in msg, msg
+    assert leftovers(tmp_path / "d") == []
+
+
 def test_meta_only_for_amazon(tmp_path):
     p = fx.write_txt(tmp_path / "raw", "seq")
     with pytest.raises(DataError, match="--meta applies to Amazon"):

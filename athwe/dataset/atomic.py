@@ -31,6 +31,13 @@ class AtomicTable:
                 return c
         return None
 
+    def find_token(self, *candidates: str) -> str | None:
+        """Like find, for a user or item id column, which must be typed token."""
+        c = self.find(*candidates)
+        if c is not None and self.types[c] != "token":
+            raise DataError(f"{self.path}: id column {c} must be typed token, not {self.types[c]}")
+        return c
+
 
 def _parse_header(path: Path, line: str) -> tuple[list[str], dict[str, str]]:
     names: list[str] = []
@@ -113,18 +120,21 @@ def read_sequence_txt(path: str | Path) -> tuple[list[str], list[list[str]]]:
     users: list[str] = []
     seqs: list[list[str]] = []
     seen: set[str] = set()
-    with open(path, encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            parts = line.split()
-            if not parts:
-                continue
-            if len(parts) < 2:
-                raise DataError(f"{path}:{lineno}: user {parts[0]!r} has no items")
-            if parts[0] in seen:
-                raise DataError(f"{path}:{lineno}: user {parts[0]!r} appears on more than one line")
-            seen.add(parts[0])
-            users.append(parts[0])
-            seqs.append(parts[1:])
+    try:
+        with open(path, encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                parts = line.split()
+                if not parts:
+                    continue
+                if len(parts) < 2:
+                    raise DataError(f"{path}:{lineno}: user {parts[0]!r} has no items")
+                if parts[0] in seen:
+                    raise DataError(f"{path}:{lineno}: user {parts[0]!r} appears on more than one line")
+                seen.add(parts[0])
+                users.append(parts[0])
+                seqs.append(parts[1:])
+    except UnicodeDecodeError as e:
+        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
     if not users:
         raise DataError(f"{path}: no sequences found")
     return users, seqs

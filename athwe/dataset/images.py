@@ -150,7 +150,7 @@ def collect_image_urls(dataset_dir: str | Path, name: str | None = None) -> dict
         from athwe.dataset.atomic import read_atomic
 
         table = read_atomic(item_file)
-        icol = table.find("item_id", "item", "iid", "asin", "parent_asin")
+        icol = table.find_token("item_id", "item", "iid", "asin", "parent_asin")
         ucol = table.find("image_url", "imUrl", "image", "image_urls")
         if icol is not None and ucol is not None:
             vals = table.columns[ucol]

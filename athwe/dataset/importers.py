@@ -703,7 +703,7 @@ def _copy_side_table(src: Path, dst: Path, id_names: tuple[str, ...], new_id: st
     """Copy a .item/.user atomic file: id column renamed, rows of kept ids only (first row wins)."""
     if not src.is_file():
         return None
-    read_atomic(src)  # validates the whole file (header types, field counts, numbers)
+    read_atomic(src).find_token(*id_names)  # validates the whole file (header types, field counts, numbers)
     with open(src, encoding="utf-8") as f:
         header = f.readline().rstrip("\r\n").split("\t")
         names = [h.rsplit(":", 1)[0] for h in header]

@@ -19,7 +19,9 @@ from athwe.errors import ConfigError, DataError
 from athwe.utils import atomic_torch_save, fingerprint_tokens
 
 PAD_TOKEN = "[PAD]"
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: user and item id columns must be typed token
+# largest BSARec .txt item id: ids are kept as given, so the item table has (max id + 1) rows
+MAX_TXT_ITEM_ID = 10_000_000
 
 
 @dataclass
@@ -219,8 +221,8 @@ def _build(name: str, source: str, u_idx: np.ndarray, i_idx: np.ndarray, times: 
 
 def _from_atomic(path: Path, name: str, kcore: int) -> SequenceData:
     table = read_atomic(path)
-    ucol = table.find("user_id", "user", "uid", "reviewerID")
-    icol = table.find("item_id", "item", "iid", "asin", "parent_asin")
+    ucol = table.find_token("user_id", "user", "uid", "reviewerID")
+    icol = table.find_token("item_id", "item", "iid", "asin", "parent_asin")
     tcol = table.find("timestamp", "time", "unixReviewTime")
     if ucol is None or icol is None:
         raise DataError(f"{path}: header needs user_id and item_id columns (found {', '.join(table.names)})")
@@ -248,15 +250,41 @@ def _positions(offsets: torch.Tensor) -> torch.Tensor:
     return (torch.arange(total) - starts).double()
 
 
+def _txt_item_id(tok: str) -> int:
+    """The id of a .txt item token: 0 unless it is ASCII digits, MAX_TXT_ITEM_ID + 1 when larger."""
+    if not (tok.isascii() and tok.isdigit()):
+        return 0
+    digits = tok.lstrip("0")
+    return int(digits or "0") if len(digits) <= len(str(MAX_TXT_ITEM_ID)) else MAX_TXT_ITEM_ID + 1
+
+
+def _txt_lineno(path: Path, index: int) -> int:
+    """File line of the index-th sequence of a .txt file (blank lines skipped), for error messages."""
+    n = 0
+    with open(path, encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.split():
+                if n == index:
+                    return lineno
+                n += 1
+    return 0
+
+
 def _from_txt(path: Path, name: str, kcore: int) -> SequenceData:
     users, seqs = read_sequence_txt(path)
     flat: list[int] = []
     u_idx: list[int] = []
     for ui, seq in enumerate(seqs):
         for tok in seq:
-            if not tok.isdigit() or int(tok) == 0:
-                raise DataError(f"{path}: user {users[ui]!r} has item {tok!r}; items must be integers >= 1")
-            flat.append(int(tok))
+            item = _txt_item_id(tok)
+            if item == 0 or item > MAX_TXT_ITEM_ID:
+                shown = repr(tok) if len(tok) <= 40 else f"{tok[:30]!r}... ({len(tok)} characters)"
+                where = f"{path}:{_txt_lineno(path, ui)}: user {users[ui]!r} has item {shown}"
+                if item == 0:
+                    raise DataError(f"{where}; items must be integers >= 1 written with the digits 0-9")
+                raise DataError(f"{where}; ids above {MAX_TXT_ITEM_ID:,} are not supported (BSARec ids are "
+                                f"kept as given: renumber them 1..n, or `athwe data import` the file to re-index)")
+            flat.append(item)
         u_idx.extend([ui] * len(seq))
     i_arr = np.asarray(flat, dtype=np.int64)
     n = int(i_arr.max())
