@@ -19,7 +19,7 @@ from typer.testing import CliRunner  # noqa: E402
 
 from athwe.cli import app  # noqa: E402
 from athwe.dataset.sequences import load_sequences  # noqa: E402
-from athwe.errors import FeatureError  # noqa: E402
+from athwe.errors import DataError, FeatureError  # noqa: E402
 from athwe.feature_extraction import extract as ex  # noqa: E402
 from athwe.feature_extraction import load_features  # noqa: E402
 from athwe.feature_extraction.image import ImageEncoder  # noqa: E402
@@ -186,6 +186,11 @@ def test_text_cleaning_and_template(data_root):
     assert t.texts[i].startswith("copper pan & lid by ")
     with pytest.raises(FeatureError, match="unknown field"):
         build_item_texts(table, toks, template="{nope}")
+    bad = data_root / "badid"
+    bad.mkdir()
+    (bad / "badid.item").write_text("item_id:float\ttitle:token_seq\n1.5\tpan\n")
+    with pytest.raises(DataError, match=r"badid.item: id column item_id must be typed token, not float"):
+        read_item_table(bad, "badid")
 
 
 @pytest.mark.parametrize("template,problem", [("{", "Single '{'"), ("{title:d}", "Unknown format code 'd'"),

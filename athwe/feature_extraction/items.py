@@ -59,7 +59,7 @@ def read_item_table(dataset_dir: Path, name: str) -> ItemTable:
     if not path.is_file():
         return ItemTable(path=None)
     table = read_atomic(path)
-    icol = table.find(*ITEM_ID_COLUMNS)
+    icol = table.find_token(*ITEM_ID_COLUMNS)
     if icol is None:
         raise DataError(f"{path}: no item id column (one of {', '.join(ITEM_ID_COLUMNS)}) in the header")
     out = ItemTable(path=path, columns=[c for c in table.names if c != icol],
