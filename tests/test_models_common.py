@@ -263,3 +263,25 @@ def test_bad_shared_settings_are_config_errors(name, key, value, needle):
         build_model_config(name, {**small_config(name), key: value})
     cfg = build_model_config(name, {**small_config(name), "hidden_dropout": 0, "layer_norm_eps": "1e-12"})
     assert cfg.hidden_dropout == 0.0 and isinstance(cfg.hidden_dropout, float) and cfg.layer_norm_eps == 1e-12
+
+
+@pytest.mark.parametrize("p", [0.1, 0.5, 0.9])
+def test_dropout_rate_scale_seed_and_gradient(p):
+    """layers.dropout: drops a fraction p (to sampling noise), scales the kept ones so the mean is
+    kept, repeats under the same seed, and its gradient is the same mask and scale."""
+    from athwe.models.layers import dropout
+
+    x = torch.ones(400_000, requires_grad=True)
+    torch.manual_seed(3)
+    y = dropout(x, p, True)
+    dropped = (y == 0).double().mean().item()
+    assert abs(dropped - p) < 5 * (p * (1 - p) / x.numel()) ** 0.5 + 2 ** -16
+    kept = y[y != 0]
+    assert torch.allclose(kept, torch.full_like(kept, kept[0].item())) and abs(kept[0].item() * (1 - p) - 1) < 1e-4
+    y.sum().backward()
+    assert torch.equal(x.grad, y.detach())  # d(x * m)/dx = m, and x = 1
+    torch.manual_seed(3)
+    assert torch.equal(dropout(x, p, True), y)
+    assert dropout(x, p, False) is x and torch.equal(dropout(x, 1.0, True), torch.zeros_like(x))
+    lanes = (dropout(torch.ones(400_000), 0.5, True) == 0).view(-1, 4).double().mean(0)  # every 16-bit lane unbiased
+    assert (lanes - 0.5).abs().max() < 0.01

@@ -10,13 +10,29 @@ from athwe.errors import ConfigError
 MASK_VALUE = -10000.0  # additive mask value of the reference code bases (finite: fully padded rows stay defined)
 
 
+def _random_int16(x: torch.Tensor) -> torch.Tensor:
+    """Uniform int16 values shaped like `x`, four per 64-bit draw of the CPU generator."""
+    n = x.numel()
+    bits = torch.empty((n + 3) // 4, dtype=torch.int64, device=x.device).random_(-2 ** 63, None)  # full 64 bits
+    return bits.view(torch.int16)[:n].view(x.shape)
+
+
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout with the mask drawn by rand_like: several times faster than F.dropout on
-    CPU (whose Bernoulli sampling is not vectorised), same expectation and the same semantics."""
+    """Inverted dropout, several times faster than F.dropout on CPU (whose Bernoulli sampling is
+    not vectorised). On CPU each element is dropped when a uniform 16-bit value falls below
+    round(p * 2^16), i.e. with probability p to within 2^-17 (exactly for p = 0.5), and kept ones
+    are scaled by the inverse of the exact keep probability, so the expectation is exactly x; one
+    64-bit draw serves four elements, which makes the mask about 3x cheaper than rand_like. Other
+    devices draw the mask with rand_like."""
     if not training or p <= 0.0:
         return x
     if p >= 1.0:
         return torch.zeros_like(x)
+    if x.device.type == "cpu":
+        drop = round(p * 65536)
+        if 0 < drop < 65536:
+            keep = _random_int16(x).ge(drop - 32768)
+            return x * keep.to(x.dtype).mul_(65536 / (65536 - drop))
     mask = torch.rand_like(x).ge_(p).mul_(1.0 / (1.0 - p))
     return x * mask
 
