@@ -19,7 +19,7 @@ The machine is shared: the load average before and after each model and the rati
 time to wall time are recorded, so a contended measurement can be recognised as such. With
 --with-reference the script also times a plain re-implementation in the reference code's style
 (nn.Dropout, TF-style LayerNorm, head permutes, complex rfft/irfft with torch's own backward, every
-position through every layer, full Q/K/V attention) on the same batches right after ours, so the
+position through every layer, full Q/K/V attention) on the same batches, in windows alternating with ours (ABBA order), so the
 ratio can be read under the same load ("ref-style" rows).
 """
 from __future__ import annotations
@@ -199,9 +199,9 @@ def synthetic_features(n_items: int):
                       cat_vocab=[f"c{i}" for i in range(20)], fingerprint=f"model-speed-synthetic-{n_items}")
 
 
-def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: int, repeats: int,
-                max_seconds: float, ref_style: bool = False, dataset: str = "LastFM",
-                overrides: list[str] | None = None) -> dict:
+def _stepper(name: str, max_len: int, batch_size: int, ref_style: bool, dataset: str,
+             overrides: list[str] | None) -> dict:
+    """A model built with its published settings and a function doing one training step on batch i."""
     from athwe.config import resolve_config
     from athwe.models import create_model
     from athwe.models.base import get_entry
@@ -234,53 +234,94 @@ def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: in
         loss.backward()
         opt.step()
 
+    return {"step": step, "model": model, "cfg": cfg, "data": data, "features": features, "ref_style": ref_style,
+            "name": name}
+
+
+def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: int, repeats: int,
+                max_seconds: float, with_ref_style: bool = False, dataset: str = "LastFM",
+                overrides: list[str] | None = None) -> list[dict]:
+    """Time `name` (and, with `with_ref_style`, the reference-style implementation in the same
+    process, window by window in ABBA order, so that a change in machine speed during the
+    measurement hits both alike and their ratio stays fair). One result per implementation."""
+    setups = [_stepper(name, max_len, batch_size, False, dataset, overrides)]
+    if with_ref_style:
+        setups.append(_stepper(name, max_len, batch_size, True, dataset, overrides))
     load_before = load_avg()
-    for i in range(warmup):
-        step(i)
+    for s in setups:
+        for i in range(warmup):
+            s["step"](i)
+        s.update(windows=[], wall=0.0, cpu=0.0, i=warmup)
     per_window = max(1, steps // repeats)
-    windows, wall, cpu, i = [], 0.0, 0.0, warmup
-    for _ in range(repeats):
-        if windows and wall > max_seconds:  # a slow model: fewer windows rather than minutes more
+    for rep in range(repeats):
+        if setups[0]["windows"] and setups[0]["wall"] > max_seconds:  # a slow model: fewer windows
             break
-        t0, c0 = time.perf_counter(), time.process_time()
-        for _ in range(per_window):
-            step(i)
-            i += 1
-        dt, dc = time.perf_counter() - t0, time.process_time() - c0
-        windows.append(round(per_window / dt, 2))
-        wall += dt
-        cpu += dc
-    timed = per_window * len(windows)
-    res = {
-        "model": name + (" (ref-style)" if ref_style else "") + (" (synthetic features)" if features is not None else ""),
-        "params": sum(p.numel() for p in model.parameters()),
-        "loss": cfg.train.loss,
-        "lr": cfg.train.lr,
-        "model_args": cfg.model_args,
-        "n_items": data.n_items,
-        "max_seq_length": max_len,
-        "batch_size": batch_size,
-        "steps_timed": timed,
-        "steps_per_s": round(timed / wall, 2),
-        "samples_per_s": round(timed * batch_size / wall, 1),
-        "best_window_steps_per_s": max(windows),
-        "window_steps_per_s": windows,
-        "cpu_over_wall": round(cpu / wall, 2),
-        # the process did not get its threads' worth of CPU: another job shared the cores
-        "contended": cpu / wall < 0.85 * torch.get_num_threads(),
-        "load_avg_before": load_before,
-        "load_avg_after": load_avg(),
-        # the process's peak so far: the model's own peak when it is the first (or only) one timed
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
-        "dataset": dataset,
-        "overrides": list(overrides or []),
-    }
-    anchored = max_len == 50 and batch_size == 256 and dataset == "LastFM" and not overrides and not ref_style
-    ref = REFERENCE_STEPS_PER_S.get(name) if anchored else None
-    if ref:
-        res["reference_steps_per_s"] = ref
-        res["ratio_to_reference"] = round(res["steps_per_s"] / ref, 2)
-    return res
+        for s in (setups if rep % 2 == 0 else setups[::-1]):
+            t0, c0 = time.perf_counter(), time.process_time()
+            for _ in range(per_window):
+                s["step"](s["i"])
+                s["i"] += 1
+            dt, dc = time.perf_counter() - t0, time.process_time() - c0
+            s["windows"].append(round(per_window / dt, 2))
+            s["wall"] += dt
+            s["cpu"] += dc
+    load_after = load_avg()
+    out = []
+    for s in setups:
+        model, cfg, wall = s["model"], s["cfg"], s["wall"]
+        timed = per_window * len(s["windows"])
+        res = {
+            "model": name + (" (ref-style)" if s["ref_style"] else "") + (" (synthetic features)" if s["features"] is not None else ""),
+            "params": sum(p.numel() for p in model.parameters()),
+            "loss": cfg.train.loss,
+            "lr": cfg.train.lr,
+            "model_args": cfg.model_args,
+            "n_items": s["data"].n_items,
+            "max_seq_length": max_len,
+            "batch_size": batch_size,
+            "steps_timed": timed,
+            "steps_per_s": round(timed / wall, 2),
+            "samples_per_s": round(timed * batch_size / wall, 1),
+            "best_window_steps_per_s": max(s["windows"]),
+            "window_steps_per_s": s["windows"],
+            "cpu_over_wall": round(s["cpu"] / wall, 2),
+            # the process did not get its threads' worth of CPU: another job shared the cores
+            "contended": s["cpu"] / wall < 0.85 * torch.get_num_threads(),
+            "load_avg_before": load_before,
+            "load_avg_after": load_after,
+            # the process's peak so far: the model's own peak when it is the first (or only) one timed
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024,
+            "dataset": dataset,
+            "overrides": list(overrides or []),
+        }
+        anchored = max_len == 50 and batch_size == 256 and dataset == "LastFM" and not overrides and not s["ref_style"]
+        ref = REFERENCE_STEPS_PER_S.get(name) if anchored else None
+        if ref:
+            res["reference_steps_per_s"] = ref
+            res["ratio_to_reference"] = round(res["steps_per_s"] / ref, 2)
+        out.append(res)
+    if len(out) == 2:
+        out[0]["ratio_to_ref_style_same_load"] = round(out[0]["steps_per_s"] / out[1]["steps_per_s"], 2)
+        out[0]["window_ratios_to_ref_style"] = [round(a / b, 2) for a, b in zip(out[0]["window_steps_per_s"],
+                                                                              out[1]["window_steps_per_s"])]
+    return out
+
+
+def cpu_model() -> str:
+    """The CPU's model name and widest vector extension (figures differ several-fold between an
+    AVX2 and an AVX-512 machine of the same core count)."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and value.strip():
+                name = value.strip()
+            elif key.strip() == "flags":
+                flags = set(value.split())
+    except OSError:
+        pass
+    vec = "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else None
+    return f"{name}, {vec}" if vec else name
 
 
 def main() -> None:
@@ -294,7 +335,7 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="stop timing a model after the window that passes this many seconds")
     ap.add_argument("--with-reference", action="store_true",
-                    help="also time a reference-style implementation of wearec/bsarec right after ours")
+                    help="also time a reference-style implementation of wearec/bsarec in windows alternating with ours")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--dataset", default="LastFM", help="dataset whose training batches and published settings are used")
     ap.add_argument("--set", action="append", default=[], help="config override for every model, e.g. model_args.variant=bsarec")
@@ -309,7 +350,7 @@ def main() -> None:
     names = [m.strip() for m in args.models.split(",") if m.strip()] or list_models()
     for name, err in import_errors.items():
         print(f"skipped athwe.models.{name}: {err}", flush=True)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine(),
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
            "cores": os.cpu_count(), "python": platform.python_version(),
            "keep_freed_memory": keep_freed_memory()}  # as the trainer does (athwe.utils)
     print(f"torch {env['torch']}, {env['threads']} threads, load average {load_avg()}, "
@@ -317,21 +358,20 @@ def main() -> None:
     results, failures = [], {}
     for name in names:
         try:
-            r = bench_model(name, args.max_seq_length, args.batch_size, args.steps, args.warmup, args.repeats,
-                            args.max_seconds, dataset=args.dataset, overrides=args.set)
+            timed = bench_model(name, args.max_seq_length, args.batch_size, args.steps, args.warmup, args.repeats,
+                                args.max_seconds, with_ref_style=args.with_reference and name in REFERENCE_STEPS_PER_S,
+                                dataset=args.dataset, overrides=args.set)
         except Exception as e:  # report and go on with the other models
             failures[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: failed ({failures[name]})", flush=True)
             continue
-        results.append(r)
+        results.extend(timed)
+        r = timed[0]
         ratio = f", {r['ratio_to_reference']:.2f}x the reference's {r['reference_steps_per_s']} steps/s" if "ratio_to_reference" in r else ""
-        if args.with_reference and name in REFERENCE_STEPS_PER_S:
-            ref = bench_model(name, args.max_seq_length, args.batch_size, args.steps, args.warmup, args.repeats,
-                              args.max_seconds, ref_style=True, dataset=args.dataset, overrides=args.set)
-            results.append(ref)
-            r["ratio_to_ref_style_same_load"] = round(r["steps_per_s"] / ref["steps_per_s"], 2)
-            ratio += (f"; ref-style {ref['steps_per_s']:.2f} steps/s right after (cpu/wall {ref['cpu_over_wall']}): "
-                      f"{r['ratio_to_ref_style_same_load']:.2f}x")
+        if len(timed) == 2:
+            ref = timed[1]
+            ratio += (f"; ref-style {ref['steps_per_s']:.2f} steps/s in alternating windows (cpu/wall {ref['cpu_over_wall']}): "
+                      f"{r['ratio_to_ref_style_same_load']:.2f}x (per window pair {r['window_ratios_to_ref_style']})")
         print(f"{r['model']:8s} {args.dataset} N={r['max_seq_length']} batch {r['batch_size']} {r['loss']}: {r['steps_per_s']:6.2f} steps/s, "
               f"{r['samples_per_s']:8.0f} samples/s (best window {r['best_window_steps_per_s']}){ratio}; "
               f"cpu/wall {r['cpu_over_wall']}, peak RSS {r['peak_rss_mb']} MB, load {r['load_avg_before']} -> {r['load_avg_after']}"
@@ -344,7 +384,7 @@ def main() -> None:
     lines = [
         f"# Model training speed ({args.dataset} batches)",
         "",
-        f"Command: `{command}` ({env['threads']} threads on {env['cores']} cores, torch {env['torch']}, "
+        f"Command: `{command}` ({env['threads']} threads on {env['cores']} cores, {env['cpu']}, torch {env['torch']}, "
         f"malloc keeps freed memory: {'yes' if env['keep_freed_memory'] else 'no'})",
         "",
         f"N={args.max_seq_length}, batch {args.batch_size}, published {args.dataset} settings per model"
@@ -371,7 +411,7 @@ def main() -> None:
     lines += ["", "(contended): process CPU time / wall time was below 0.85 x the thread count, i.e. another job "
               "shared the cores during the measurement; with 2 OpenMP threads on a shared 2-core machine every "
               "parallel region waits for a descheduled thread, so such figures can be many times too low. "
-              "Re-run on an idle machine (or compare with the ref-style row measured right after)."]
+              "Re-run on an idle machine (or compare with the ref-style row timed in the windows between)."]
     if any("synthetic features" in r["model"] for r in results):
         lines += ["", f"(synthetic features): {args.dataset} has no extracted item text or images here, so multimodal models are timed on "
                   "random 768-d text and image tables and 20 random categories of the catalogue's size (ID + text + "
