@@ -307,6 +307,9 @@ def test_auto_time_scale_is_a_high_quantile_of_the_positive_gaps_and_is_saved_wi
     fixed = make({"time_scale": 60.0})
     fixed.load_state_dict({**old, "feature_fingerprint": fixed.feature_fingerprint})
     assert fixed.time_scale == 60.0
+    # a numeric time_scale other than the checkpoint's: the checkpoint's is kept, with a warning
+    with pytest.warns(UserWarning, match="trained with time_scale 350 s; it keeps that scale"):
+        make({"time_scale": 60.0}).load_state_dict(model.state_dict())
     # no positive gap at all (no timestamps): the reference scale, and the note says so
     flat = make({"time_scale": "auto"})
     flat.prepare(_samples(gap_seconds=0.0))

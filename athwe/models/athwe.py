@@ -414,6 +414,10 @@ class ATHWE(SequentialRecommender):
             state_dict[key] = self.time_scale_s.detach().clone()
         value = float(state_dict[key])
         if value == value:  # not NaN: resolved
+            ts = self.config.time_scale
+            if ts != "auto" and abs(float(ts) - value) > 1e-6 * max(abs(value), 1.0):
+                warnings.warn(f"athwe: the checkpoint was trained with time_scale {value:g} s; it keeps that scale "
+                              f"(model_args.time_scale {float(ts):g} applies to new training only)", stacklevel=2)
             self._time_scale = value
 
     def ensure_cluster_labels(self) -> None:
