@@ -90,7 +90,8 @@ def load_yaml(path: str | Path) -> dict[str, Any]:
     return obj
 
 
-def _coerce(where: str, key: str, value: Any, typ: Any) -> Any:
+def coerce_setting(where: str, key: str, value: Any, typ: Any) -> Any:
+    """`value` for a setting annotated `typ`: ints widened to float; ConfigError for a wrong plain type."""
     if typ is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if typ in (int, float, str, bool):
@@ -106,14 +107,14 @@ def _apply_section(obj: Any, values: dict[str, Any], where: str, section: str) -
     for k, v in values.items():
         if k not in hints:
             raise ConfigError(f"{where}: unknown key {section}.{k} (known: {', '.join(hints)})")
-        setattr(obj, k, _coerce(where, f"{section}.{k}", v, hints[k]))
+        setattr(obj, k, coerce_setting(where, f"{section}.{k}", v, hints[k]))
 
 
 def merge_layer(cfg: RunConfig, layer: dict[str, Any], where: str, allow_datasets: bool = False) -> None:
     """Apply one YAML-shaped mapping onto cfg in place."""
     for key, val in layer.items():
         if key == "model":
-            cfg.model = _coerce(where, "model", val, str)
+            cfg.model = coerce_setting(where, "model", val, str)
         elif key in SECTIONS:
             _apply_section(getattr(cfg, key), val, where, key)
         elif key == "model_args":

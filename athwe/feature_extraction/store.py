@@ -262,7 +262,7 @@ def read_item2id(path: Path) -> dict[str, int]:
             obj = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
     except Exception as e:  # noqa: BLE001 - corrupt pickle / JSON / unreadable file
         raise FeatureError(f"{path}: cannot read the item2id mapping ({type(e).__name__}: {e})") from None
-    if not isinstance(obj, dict) or not all(isinstance(v, int) and not isinstance(v, bool) for v in obj.values()):
+    if not isinstance(obj, dict) or not all(_is_int(v) for v in obj.values()):
         raise FeatureError(f"{path}: item2id must map item tokens to integer ids")
     return {str(k): int(v) for k, v in obj.items()}
 

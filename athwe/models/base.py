@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athwe.config import coerce_setting
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import ConfigError
 from athwe.models.layers import attention_mask, lookup
@@ -68,11 +69,7 @@ class EncoderConfig:
                     value = float(value)
                 except ValueError:
                     pass
-            if typ is float and isinstance(value, int) and not isinstance(value, bool):
-                value = float(value)
-            if typ in (int, float, bool, str) and (isinstance(value, bool) != (typ is bool) or not isinstance(value, typ)):
-                raise ConfigError(f"{name}: {f.name} must be {typ.__name__}, got {value!r}")
-            setattr(self, f.name, value)
+            setattr(self, f.name, coerce_setting(name, f.name, value, typ))
         for key in ("hidden_size", "num_layers", "num_heads", "inner_size"):
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name}: {key} must be >= 1, got {getattr(self, key)}")
