@@ -224,18 +224,28 @@ class WaveletAlign(nn.Module):
         return analysis.to(device, dtype), rec.contiguous().to(device, dtype), sizes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, M, H) -> same shape."""
+        """x (B, L, M, H) -> same shape.
+
+        The coefficients are computed band-major, (T, B, M, H): each band is then one contiguous
+        block of rows and each source modality a strided (rows, H) matrix that the gate products
+        read in place, so nothing between the two transforms is permuted or copied."""
         b, n, m, h = x.shape
         analysis, synthesis, sizes = self.operators(n, x.device, x.dtype)
-        coeffs = torch.einsum("blmh,lt->mbth", x, analysis)  # (source, B, T, H)
-        fused = []
-        for k, c in enumerate(coeffs.split(sizes, dim=2)):
-            rows = c.reshape(m, -1, h)  # (source, B*T_k, H)
-            w = self.gates[k].permute(1, 3, 0, 2).reshape(m, h, m * h)  # (source, in, target*out)
-            gate = torch.sigmoid(torch.bmm(rows, w)).view(m, -1, m, h)  # (source, B*T_k, target, H)
-            fused.append((gate * rows.unsqueeze(2)).sum(0).view(b, -1, m, h))  # (B, T_k, target, H)
-        rec = torch.einsum("btmh,tl->blmh", torch.cat(fused, 1), synthesis)
-        return x + self.weight.view(1, 1, m, 1) * (rec - x)
+        coeffs = (analysis.t() @ x.transpose(0, 1).reshape(n, -1)).view(-1, m, h)  # (T*B, source, H)
+        # w[k, source] is the (in, target*out) matrix of the gates of band k that read that source
+        w = self.gates.permute(0, 2, 4, 1, 3).reshape(len(sizes), m, h, m * h)
+        fused, start = [], 0
+        for k, size in enumerate(sizes):
+            c = coeffs[start * b:(start + size) * b]  # (T_k*B, source, H)
+            start += size
+            band = None
+            for s in range(m):
+                src = c[:, s]
+                term = torch.sigmoid(src @ w[k, s]).view(-1, m, h) * src.unsqueeze(1)  # (T_k*B, target, H)
+                band = term if band is None else band + term
+            fused.append(band)
+        rec = (synthesis.t() @ torch.cat(fused).view(len(coeffs) // b, -1)).view(n, b, m, h).transpose(0, 1)
+        return torch.lerp(x, rec, self.weight.view(1, 1, m, 1)).contiguous()
 
 
 class SparseMoE(nn.Module):
