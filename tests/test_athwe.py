@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from athwe.config import resolve_config
 from athwe.dataset.sequences import load_sequences
-from athwe.dataset.split import Batch
+from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models import create_model
 from athwe.models.athwe import ATHWE, WaveletAlign, tcl_mask, time_buckets
@@ -259,9 +259,7 @@ def test_time_buckets_follow_the_spec():
     assert time_buckets(ts, ids > 0, 200, 1.5e7).tolist() == got.tolist()
 
 
-def _samples(gap_seconds: float, n_rows: int = 40) -> "SampleSet":
-    from athwe.dataset.split import SampleSet
-
+def _samples(gap_seconds: float, n_rows: int = 40) -> SampleSet:
     b = batch()
     ids = b.input_ids[5:6].repeat(n_rows, 1)  # a full-length row
     ts = 1.6e9 + gap_seconds * torch.arange(N, dtype=torch.float64).repeat(n_rows, 1)
