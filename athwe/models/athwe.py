@@ -228,7 +228,8 @@ class WaveletAlign(nn.Module):
 
         The coefficients are computed band-major, (T, B, M, H): each band is then one contiguous
         block of rows and each source modality a strided (rows, H) matrix that the gate products
-        read in place, so nothing between the two transforms is permuted or copied."""
+        read in place, so the gates need no permuted copy of the coefficients (the only copies are
+        x's transpose into the analysis product and the concatenation of the fused bands)."""
         b, n, m, h = x.shape
         analysis, synthesis, sizes = self.operators(n, x.device, x.dtype)
         coeffs = (analysis.t() @ x.transpose(0, 1).reshape(n, -1)).view(-1, m, h)  # (T*B, source, H)
@@ -244,7 +245,7 @@ class WaveletAlign(nn.Module):
                 term = torch.sigmoid(src @ w[k, s]).view(-1, m, h) * src.unsqueeze(1)  # (T_k*B, target, H)
                 band = term if band is None else band + term
             fused.append(band)
-        rec = (synthesis.t() @ torch.cat(fused).view(len(coeffs) // b, -1)).view(n, b, m, h).transpose(0, 1)
+        rec = (synthesis.t() @ torch.cat(fused).view(sum(sizes), -1)).view(n, b, m, h).transpose(0, 1)
         return torch.lerp(x, rec, self.weight.view(1, 1, m, 1)).contiguous()
 
 
