@@ -47,6 +47,7 @@ class TrainConfig:
     eval_batch_size: int = 1024
     device: str = "auto"  # auto = CUDA when present, else CPU
     num_threads: int = 0  # 0 = torch default
+    precision: str = "fp32"  # fp32 | bf16 (training steps under bfloat16 autocast; evaluation stays fp32)
     runs_dir: str = "runs"
 
 
@@ -62,6 +63,9 @@ class RunConfig:
 
 
 SECTIONS = {"data": DataConfig, "train": TrainConfig}
+#: train.precision: fp32, or bf16 = mixed precision (autocast: matrix products and convolutions in
+#: bfloat16; parameters, optimizer state, reductions and losses in float32)
+PRECISIONS = ("fp32", "bf16")
 
 
 def config_dir() -> Path:
@@ -209,6 +213,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.lr must be a positive number, got {t.lr}")
     if not 0 <= t.weight_decay < math.inf:
         raise ConfigError(f"train.weight_decay must be >= 0, got {t.weight_decay}")
+    if t.precision not in PRECISIONS:
+        raise ConfigError(f"train.precision {t.precision!r} is not one of {', '.join(PRECISIONS)}")
     if t.num_threads < 0:
         raise ConfigError(f"train.num_threads must be >= 0 (0 = torch's default), got {t.num_threads}")
     if cfg.data.kcore < 0:

@@ -20,7 +20,9 @@ time to wall time are recorded, so a contended measurement can be recognised as 
 --with-reference the script also times a plain re-implementation in the reference code's style
 (nn.Dropout, TF-style LayerNorm, head permutes, complex rfft/irfft with torch's own backward, every
 position through every layer, full Q/K/V attention) on the same batches, in windows alternating with ours (ABBA order), so the
-ratio can be read under the same load ("ref-style" rows).
+ratio can be read under the same load ("ref-style" rows). --precisions fp32,bf16 times each model
+with train.precision fp32 and bf16 (the step under bfloat16 autocast) the same way, in alternating
+windows, and gives the bf16 rows their speed ratio to fp32 under the same load.
 """
 from __future__ import annotations
 
@@ -200,15 +202,17 @@ def synthetic_features(n_items: int):
 
 
 def _stepper(name: str, max_len: int, batch_size: int, ref_style: bool, dataset: str,
-             overrides: list[str] | None) -> dict:
+             overrides: list[str] | None, precision: str = "fp32") -> dict:
     """A model built with its published settings and a function doing one training step on batch i."""
     from athwe.config import resolve_config
     from athwe.models import create_model
     from athwe.models.base import get_entry
-    from athwe.training.trainer import load_data, sample_negatives
+    from athwe.training.trainer import autocast_context, load_data, sample_negatives
 
     cfg = resolve_config(name, dataset, overrides=overrides, flags={
-        "data.data_dir": str(DATA), "data.max_seq_length": max_len, "train.batch_size": batch_size})
+        "data.data_dir": str(DATA), "data.max_seq_length": max_len, "train.batch_size": batch_size,
+        "train.precision": precision})
+    autocast = autocast_context(torch.device("cpu"), cfg.train.precision)
     data, split = load_data(cfg)
     torch.manual_seed(0)
     features = None
@@ -229,22 +233,24 @@ def _stepper(name: str, max_len: int, batch_size: int, ref_style: bool, dataset:
         batch = train.batch(perm[start:start + batch_size])
         if cfg.train.loss == "bce":
             batch.neg = sample_negatives(batch, data.n_items)
-        loss = model.loss(batch)
+        with autocast():
+            loss = model.loss(batch)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     return {"step": step, "model": model, "cfg": cfg, "data": data, "features": features, "ref_style": ref_style,
-            "name": name}
+            "name": name, "precision": cfg.train.precision}
 
 
 def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: int, repeats: int,
                 max_seconds: float, with_ref_style: bool = False, dataset: str = "LastFM",
-                overrides: list[str] | None = None) -> list[dict]:
+                overrides: list[str] | None = None, precisions: tuple[str, ...] = ("fp32",)) -> list[dict]:
     """Time `name` (and, with `with_ref_style`, the reference-style implementation in the same
     process, window by window in ABBA order, so that a change in machine speed during the
-    measurement hits both alike and their ratio stays fair). One result per implementation."""
-    setups = [_stepper(name, max_len, batch_size, False, dataset, overrides)]
+    measurement hits both alike and their ratio stays fair). One result per implementation; with
+    several `precisions` (train.precision values) one per precision, timed the same way."""
+    setups = [_stepper(name, max_len, batch_size, False, dataset, overrides, p) for p in precisions]
     if with_ref_style:
         setups.append(_stepper(name, max_len, batch_size, True, dataset, overrides))
     load_before = load_avg()
@@ -271,7 +277,9 @@ def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: in
         model, cfg, wall = s["model"], s["cfg"], s["wall"]
         timed = per_window * len(s["windows"])
         res = {
-            "model": name + (" (ref-style)" if s["ref_style"] else "") + (" (synthetic features)" if s["features"] is not None else ""),
+            "model": name + (" (ref-style)" if s["ref_style"] else "") + (" (synthetic features)" if s["features"] is not None else "")
+            + ("" if s["ref_style"] or s["precision"] == "fp32" else f" ({s['precision']})"),
+            "precision": "fp32" if s["ref_style"] else s["precision"],
             "params": sum(p.numel() for p in model.parameters()),
             "loss": cfg.train.loss,
             "lr": cfg.train.lr,
@@ -294,16 +302,24 @@ def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: in
             "dataset": dataset,
             "overrides": list(overrides or []),
         }
-        anchored = max_len == 50 and batch_size == 256 and dataset == "LastFM" and not overrides and not s["ref_style"]
+        anchored = (max_len == 50 and batch_size == 256 and dataset == "LastFM" and not overrides and not s["ref_style"]
+                    and s["precision"] == "fp32")
         ref = REFERENCE_STEPS_PER_S.get(name) if anchored else None
         if ref:
             res["reference_steps_per_s"] = ref
             res["ratio_to_reference"] = round(res["steps_per_s"] / ref, 2)
         out.append(res)
-    if len(out) == 2:
-        out[0]["ratio_to_ref_style_same_load"] = round(out[0]["steps_per_s"] / out[1]["steps_per_s"], 2)
-        out[0]["window_ratios_to_ref_style"] = [round(a / b, 2) for a, b in zip(out[0]["window_steps_per_s"],
-                                                                              out[1]["window_steps_per_s"])]
+    if with_ref_style:
+        ref = out[-1]
+        for r in out[:-1]:
+            r["ratio_to_ref_style_same_load"] = round(r["steps_per_s"] / ref["steps_per_s"], 2)
+            r["window_ratios_to_ref_style"] = [round(a / b, 2) for a, b in zip(r["window_steps_per_s"],
+                                                                               ref["window_steps_per_s"])]
+    if "fp32" in precisions:
+        base = out[precisions.index("fp32")]
+        for r in out[:len(precisions)]:
+            if r is not base:
+                r["ratio_to_fp32_same_load"] = round(r["steps_per_s"] / base["steps_per_s"], 2)
     return out
 
 
@@ -339,6 +355,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
     ap.add_argument("--dataset", default="LastFM", help="dataset whose training batches and published settings are used")
     ap.add_argument("--set", action="append", default=[], help="config override for every model, e.g. model_args.variant=bsarec")
+    ap.add_argument("--precisions", default="fp32",
+                    help="comma-separated train.precision values timed in alternating windows, e.g. fp32,bf16")
     ap.add_argument("--out", default="", help="output stem (default benchmarks/results/model_speed, _n<N> appended for N != 50)")
     args = ap.parse_args()
     if args.threads > 0:
@@ -348,6 +366,11 @@ def main() -> None:
     from athwe.models import list_models
 
     names = [m.strip() for m in args.models.split(",") if m.strip()] or list_models()
+    precisions = tuple(p.strip() for p in args.precisions.split(",") if p.strip())
+    from athwe.config import PRECISIONS
+
+    if not precisions or set(precisions) - set(PRECISIONS) or len(set(precisions)) != len(precisions):
+        ap.error(f"--precisions: distinct values of {', '.join(PRECISIONS)}, got {args.precisions!r}")
     for name, err in import_errors.items():
         print(f"skipped athwe.models.{name}: {err}", flush=True)
     env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": cpu_model(),
@@ -360,22 +383,26 @@ def main() -> None:
         try:
             timed = bench_model(name, args.max_seq_length, args.batch_size, args.steps, args.warmup, args.repeats,
                                 args.max_seconds, with_ref_style=args.with_reference and name in REFERENCE_STEPS_PER_S,
-                                dataset=args.dataset, overrides=args.set)
+                                dataset=args.dataset, overrides=args.set, precisions=precisions)
         except Exception as e:  # report and go on with the other models
             failures[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: failed ({failures[name]})", flush=True)
             continue
         results.extend(timed)
-        r = timed[0]
-        ratio = f", {r['ratio_to_reference']:.2f}x the reference's {r['reference_steps_per_s']} steps/s" if "ratio_to_reference" in r else ""
-        if len(timed) == 2:
-            ref = timed[1]
-            ratio += (f"; ref-style {ref['steps_per_s']:.2f} steps/s in alternating windows (cpu/wall {ref['cpu_over_wall']}): "
-                      f"{r['ratio_to_ref_style_same_load']:.2f}x (per window pair {r['window_ratios_to_ref_style']})")
-        print(f"{r['model']:8s} {args.dataset} N={r['max_seq_length']} batch {r['batch_size']} {r['loss']}: {r['steps_per_s']:6.2f} steps/s, "
-              f"{r['samples_per_s']:8.0f} samples/s (best window {r['best_window_steps_per_s']}){ratio}; "
-              f"cpu/wall {r['cpu_over_wall']}, peak RSS {r['peak_rss_mb']} MB, load {r['load_avg_before']} -> {r['load_avg_after']}"
-              f"{'  [CONTENDED: another job shared the cores; a lower bound]' if r['contended'] else ''}", flush=True)
+        ref = timed[-1] if timed[-1]["model"].endswith("(ref-style)") else None
+        for r in timed:
+            if r is ref:
+                continue
+            ratio = f", {r['ratio_to_reference']:.2f}x the reference's {r['reference_steps_per_s']} steps/s" if "ratio_to_reference" in r else ""
+            if ref is not None:
+                ratio += (f"; ref-style {ref['steps_per_s']:.2f} steps/s in alternating windows (cpu/wall {ref['cpu_over_wall']}): "
+                          f"{r['ratio_to_ref_style_same_load']:.2f}x (per window pair {r['window_ratios_to_ref_style']})")
+            if "ratio_to_fp32_same_load" in r:
+                ratio += f"; {r['ratio_to_fp32_same_load']:.2f}x fp32 in alternating windows"
+            print(f"{r['model']:8s} {args.dataset} N={r['max_seq_length']} batch {r['batch_size']} {r['loss']}: {r['steps_per_s']:6.2f} steps/s, "
+                  f"{r['samples_per_s']:8.0f} samples/s (best window {r['best_window_steps_per_s']}){ratio}; "
+                  f"cpu/wall {r['cpu_over_wall']}, peak RSS {r['peak_rss_mb']} MB, load {r['load_avg_before']} -> {r['load_avg_after']}"
+                  f"{'  [CONTENDED: another job shared the cores; a lower bound]' if r['contended'] else ''}", flush=True)
 
     stem = args.out or ("benchmarks/results/model_speed" + ("" if args.max_seq_length == 50 else f"_n{args.max_seq_length}"))
     Path(stem).parent.mkdir(parents=True, exist_ok=True)
@@ -392,7 +419,7 @@ def main() -> None:
         "loss, backward, optimiser step. Reference anchors (the reference code on this machine, idle, N=50): "
         "WEARec 5.0, BSARec 4.9 steps/s.",
         "",
-        "| model | params | loss | steps/s | samples/s | best window | vs reference (5.0 / 4.9 idle; ref-style same load) | cpu/wall | peak RSS MB | load avg before -> after |",
+        "| model | params | loss | steps/s | samples/s | best window | vs reference (5.0 / 4.9 idle; ref-style or fp32 same load) | cpu/wall | peak RSS MB | load avg before -> after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -401,6 +428,8 @@ def main() -> None:
             parts.append(f"{r['ratio_to_reference']:.2f}x of {r['reference_steps_per_s']}")
         if "ratio_to_ref_style_same_load" in r:
             parts.append(f"{r['ratio_to_ref_style_same_load']:.2f}x ref-style")
+        if "ratio_to_fp32_same_load" in r:
+            parts.append(f"{r['ratio_to_fp32_same_load']:.2f}x fp32 same load")
         ratio = "; ".join(parts)
         flag = " (contended)" if r["contended"] else ""
         lines.append(f"| {r['model']} | {r['params']:,} | {r['loss']} | {r['steps_per_s']:.2f}{flag} | {r['samples_per_s']:.0f} | "
@@ -412,6 +441,11 @@ def main() -> None:
               "shared the cores during the measurement; with 2 OpenMP threads on a shared 2-core machine every "
               "parallel region waits for a descheduled thread, so such figures can be many times too low. "
               "Re-run on an idle machine (or compare with the ref-style row timed in the windows between)."]
+    if any(r.get("precision", "fp32") != "fp32" for r in results):
+        lines += ["", "(bf16): train.precision bf16, the training step under bfloat16 autocast (matrix products and "
+                  "convolutions in bfloat16, parameters and optimizer state in float32), timed in windows alternating "
+                  "with the fp32 row of the same model. Its speed-up depends on the CPU's bfloat16 support "
+                  "(AMX, AVX-512 BF16); without it bf16 can be slower than fp32."]
     if any("synthetic features" in r["model"] for r in results):
         lines += ["", f"(synthetic features): {args.dataset} has no extracted item text or images here, so multimodal models are timed on "
                   "random 768-d text and image tables and 20 random categories of the catalogue's size (ID + text + "

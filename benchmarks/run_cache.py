@@ -34,6 +34,9 @@ from athwe.utils import atomic_write_json, hash_file
 
 #: (section, key) pairs that do not change what a run computes
 IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir")]
+#: (section, key, value) settings added after runs were recorded: a saved config without one was
+#: trained with this value
+ADDED = [("train", "precision", "fp32")]
 BENCH_FILE = "benchmark.json"
 #: how data fingerprints are taken (the manifest of extracted features): 1 byte for byte; 2 without
 #: its timing fields; 3 also without the paths it names (where the text model was loaded from, the
@@ -45,6 +48,9 @@ def result_key(cfg: dict[str, Any]) -> dict[str, Any]:
     key = copy.deepcopy(cfg)
     for section, name in IGNORED:
         key.get(section, {}).pop(name, None)
+    for section, name, value in ADDED:
+        if isinstance(key.get(section), dict):
+            key[section].setdefault(name, value)
     return key
 
 

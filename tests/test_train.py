@@ -336,3 +336,19 @@ def test_keep_freed_memory_stops_page_faults_on_large_tensors():
     assert tuned and faults < 1000
     tuned, faults = run(ATHWE_KEEP_FREED_MEMORY="0")
     assert not tuned and faults > 10_000
+
+
+def test_bf16_precision_trains_records_and_resumes_config(tiny_data_dir, tmp_path):
+    cfg = tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=30, lr=0.01, precision="bf16")
+    run, res = tr.train(cfg, printer=lambda s: None, progress=False)
+    assert res["header"]["precision"] == "bf16"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "bf16"
+    assert res["test"]["HR@10"] > 0.6  # learns the tiny pattern as fp32 does
+    assert tr.load_run_config(run).train.precision == "bf16"
+
+
+def test_bad_precision_is_a_one_line_cli_error(tmp_path):
+    res = _cli(["train", "--precision", "fp16", "--runs-dir", str(tmp_path / "r")], tmp_path)
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "train.precision 'fp16' is not one of fp32, bf16" in res.stderr
+    assert not (tmp_path / "r").exists()

@@ -246,7 +246,7 @@ class WaveletAlign(nn.Module):
                 band = term if band is None else band + term
             fused.append(band)
         rec = (synthesis.t() @ torch.cat(fused).view(sum(sizes), -1)).view(n, b, m, h).transpose(0, 1)
-        return torch.lerp(x, rec, self.weight.view(1, 1, m, 1)).contiguous()
+        return torch.lerp(x, rec.to(x.dtype), self.weight.view(1, 1, m, 1)).contiguous()  # bf16 under autocast
 
 
 class SparseMoE(nn.Module):

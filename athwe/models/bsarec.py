@@ -69,7 +69,7 @@ class FrequencyLayer(nn.Module):
         else:
             low = torch.matmul(self.basis, coef)  # (B, N, d)
         beta = self.sqrt_beta * self.sqrt_beta
-        return self.norm(x + self.dropout(torch.lerp(low, x, beta)))  # low + beta * (x - low)
+        return self.norm(x + self.dropout(torch.lerp(low.to(x.dtype), x, beta)))  # low + beta * (x - low)
 
 
 class FoldedAttention(MultiHeadAttention):

@@ -275,7 +275,7 @@ class HybridAttention(nn.Module):
         # lag score corr[tau] = mean over channels of sum_t (PQ)[t + tau] . K[t]
         corr = gram.gather(1, self.diag.expand(b, n, n)).sum(-1) / d  # (B, N)
         lag, w = self.lags(corr, groups)
-        coef = torch.zeros(b, n, dtype=x.dtype, device=x.device).scatter_add(1, lag, w)
+        coef = torch.zeros(b, n, dtype=w.dtype, device=x.device).scatter_add(1, lag, w)
         circ = self.circ if rows is None else self.circ.index_select(0, rows)  # (N, N) or (B, N)
         agg = coef.gather(1, circ.reshape(1, -1).expand(b, -1) if rows is None else circ).view(b, -1, n)
         ctx = agg @ v  # (B, R, d) = sum_j w_j roll(V, -tau_j) at the requested positions

@@ -6,6 +6,7 @@ results.json and curves.png.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import random
@@ -71,6 +72,14 @@ def load_model_features(cfg: RunConfig, data: SequenceData, printer: Printer = p
     return load_features(folder, data.item_tokens)
 
 
+def autocast_context(device: torch.device, precision: str) -> Callable[[], Any]:
+    """A factory of the context a training step runs in: bfloat16 autocast for precision bf16 (no
+    loss scaling is needed: bfloat16 has float32's exponent range), a no-op for fp32."""
+    if precision == "bf16":
+        return lambda: torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext
+
+
 def results_header(cfg: RunConfig) -> dict[str, Any]:
     return {
         "model": cfg.model,
@@ -83,6 +92,7 @@ def results_header(cfg: RunConfig) -> dict[str, Any]:
         "tie_rule": "rank = items scored strictly higher",
         "loss": cfg.train.loss,
         "max_seq_length": cfg.data.max_seq_length,
+        "precision": cfg.train.precision,
     }
 
 
@@ -173,6 +183,10 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
+        if cfg.train.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ConfigError(f"train.precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 support; "
+                              "use train.precision fp32")
+        self.autocast = autocast_context(self.device, cfg.train.precision)
         keep_freed_memory()
         features = load_model_features(cfg, data, printer, progress)
         seed_everything(cfg.train.seed)
@@ -230,7 +244,8 @@ class Trainer:
             batch = train.batch(perm[start:start + bs])
             if self.cfg.train.loss == "bce":
                 batch.neg = sample_negatives(batch, self.data.n_items)
-            loss = self.model.loss(batch.to(self.device))
+            with self.autocast():
+                loss = self.model.loss(batch.to(self.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             self.optimizer.step()
