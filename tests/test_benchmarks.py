@@ -2,6 +2,7 @@
 output, and the paired comparison of runs on the same test users."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import subprocess
@@ -49,6 +50,16 @@ def test_find_run_matches_config_up_to_threads_device_and_paths(tmp_path):
     assert finished(unfinished) is None
     done = _run(tmp_path, "b", same, True, 5)  # finished beats newer-but-unfinished
     assert find_run(cfg, tmp_path) == done
+
+
+def test_runs_recorded_before_train_precision_existed_match_as_fp32(tmp_path):
+    cfg = resolve_config("sasrec", "LastFM", overrides=["train.seed=1"]).to_dict()
+    old = copy.deepcopy(cfg)
+    del old["train"]["precision"]
+    bf16 = resolve_config("sasrec", "LastFM", overrides=["train.seed=1", "train.precision=bf16"]).to_dict()
+    run = _run(tmp_path, "old", old, True, 0)
+    assert find_run(cfg, tmp_path) == run
+    assert find_run(bf16, tmp_path) is None
 
 
 def test_finished_record_prefers_saved_wall_time(tmp_path):
