@@ -209,8 +209,8 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
              "chronological leave-one-out, one target per user, ties count items scored strictly higher, padding "
              f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). Device {meta['device']}, "
              f"{meta['threads']} thread(s); {load_line(meta, rows)}.", "",
-             "| variant | seeds | " + " | ".join(METRICS) + " | best epochs | samples/s | peak memory (MB) |",
-             "|---" * (5 + len(METRICS)) + "|"]
+             "| variant | seeds | " + " | ".join(METRICS) + " | valid NDCG@10 | best epochs | samples/s | peak memory (MB) |",
+             "|---" * (6 + len(METRICS)) + "|"]
     for r in rows:
         runs = r["runs"]
         if not runs:
@@ -219,9 +219,17 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         mem = [x.get("peak_cuda_mb", x.get("peak_rss_mb", 0.0)) for x in runs]
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
         lines.append(f"| {r['variant']} | {seeds_cell(runs)} | " + " | ".join(cells) +
+                     f" | {mean_std([x['valid']['NDCG@10'] for x in runs]) if all('valid' in x for x in runs) else 'n/a'}"
                      f" | {','.join(str(x['best_epoch']) for x in runs)} | "
                      f"{speed_cell(runs)} | {max(mem):.0f} ({kind})"
                      f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
+    lines += ["", "Valid NDCG@10: the validation split's NDCG@10 at the best epoch (the early-stopping metric), "
+              "the figure a choice between variants can be made on without looking at the test split."]
+    mixed = [f"{r['variant']} seed {x['seed']}" for r in rows for x in r["runs"]
+             if (x.get("config") or {}).get("train", {}).get("precision", "fp32") != "fp32"]
+    if mixed:
+        lines += ["", "Trained with train.precision bf16 (bfloat16 autocast in the training steps; evaluation in "
+                  "float32), the rest in fp32: " + "; ".join(mixed) + "."]
     pairs, missing = paired_rows(rows, stored, earlier) if final else ([], [])
     if final:
         keep_ranks(out, rows, stored or {})

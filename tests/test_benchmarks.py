@@ -429,7 +429,17 @@ def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch,
     manifest["text"]["model"]["path"], manifest["item_map"]["source"] = "/b/.venv/minilm", "/b/data/LastFM/LastFM.txt"
     (data / "features" / "manifest.json").write_text(json.dumps(manifest))
     assert carried_record(cfg, [rec]) is not None
-    manifest["text"]["sha256"] = "cd"  # other embeddings
+    manifest["text"]["sha256"] = "cd"  # the same model's embeddings computed on another CPU: other last bits
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    assert carried_record(cfg, [rec]) is not None
+    manifest["text"]["model"]["name"] = "bert"  # another text model
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    assert carried_record(cfg, [rec]) is None
+    manifest["text"]["model"]["name"] = "minilm"
+    manifest["cat"] = {"sha256": "ef"}  # other categories
+    (data / "features" / "manifest.json").write_text(json.dumps(manifest))
+    rec = {**rec, "data_fingerprint": data_fingerprint(cfg)}
+    manifest["cat"]["sha256"] = "01"
     (data / "features" / "manifest.json").write_text(json.dumps(manifest))
     assert carried_record(cfg, [rec]) is None
     other = resolve_config("wearec", "LastFM", flags={**flags, "train.seed": 3}).to_dict()
@@ -509,8 +519,13 @@ def test_ml100k_table_notes_only_what_it_holds(tmp_path):
     def notes(rows):
         athwe_ml100k.write(str(tmp_path / "t"), meta, rows, final=False)
         md = (tmp_path / "t.md").read_text()
-        return "Ablations switch" in md, "Peak memory marked" in md
+        return "Ablations switch" in md, "Peak memory marked" in md, "Trained with train.precision bf16" in md
 
-    assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [run]}]) == (False, False)
+    assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [run]}]) == (False, False, False)
     assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [run]},
-                  {"variant": "ATHWE no MoE", "model": "athwe", "runs": [{**run, "resumed": True}]}]) == (True, True)
+                  {"variant": "ATHWE no MoE", "model": "athwe", "runs": [{**run, "resumed": True}]}]) == (True, True, False)
+    bf16 = {**run, "seed": 2, "valid": {"NDCG@10": 0.25}, "config": {"train": {"precision": "bf16"}}}
+    assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [{**run, "valid": {"NDCG@10": 0.2}}, bf16]}]) == (
+        False, False, True)
+    md = (tmp_path / "t.md").read_text()
+    assert "| 0.2250 ± 0.0354 | 3,3 |" in md and "bf16 (bfloat16 autocast" in md and ": ATHWE seed 2." in md
