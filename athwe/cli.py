@@ -51,7 +51,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Input length N."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16: mixed-precision training steps (faster on GPUs and on CPUs with AMX / AVX-512 BF16); evaluation stays fp32."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16: training steps under bfloat16 autocast (on a CPU, faster only with AMX / AVX-512 BF16); evaluation stays fp32."),
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where run folders are created. Default: ./runs."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run folder to create (default: runs/<model>-<dataset>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder from its last checkpoint."),
