@@ -352,3 +352,5 @@ def test_bad_precision_is_a_one_line_cli_error(tmp_path):
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "train.precision 'fp16' is not one of fp32, bf16" in res.stderr
     assert not (tmp_path / "r").exists()
+    res = _cli(["train", "--model", "sasrec", "--precision", "bf16", "--print-config"], tmp_path)
+    assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["precision"] == "bf16"
