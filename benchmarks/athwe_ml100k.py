@@ -53,6 +53,8 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
     # not an ablation: the same model trained with mixed precision (train.precision bf16)
     ("ATHWE bf16", "athwe", ["train.precision=bf16"]),
 ]
+#: variants that are not ablations and not trained unless named in --variants
+EXTRA_VARIANTS = {"ATHWE bf16"}
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -256,7 +258,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         lines += ["", "Not compared (no per-user test ranks for a run): " + "; ".join(missing) + "."]
     if any(x.get("carried") for r in rows for x in r["runs"]):
         lines += ["", CARRIED_NOTE]
-    ablations = {label for label, model, extra in VARIANTS if model == "athwe" and extra and label != "ATHWE bf16"}
+    ablations = {label for label, model, extra in VARIANTS if model == "athwe" and extra and label not in EXTRA_VARIANTS}
     if any(r["variant"] in ablations and r["runs"] for r in rows):
         lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
                   "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
@@ -273,8 +275,8 @@ def main() -> None:
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--seeds", default="2025,2026,2027")
-    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS if v[0] != "ATHWE bf16"),
-                    help="comma-separated labels (default: all but ATHWE bf16)")
+    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS if v[0] not in EXTRA_VARIANTS),
+                    help=f"comma-separated labels (default: all but {', '.join(sorted(EXTRA_VARIANTS))})")
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (smoke tests)")
     ap.add_argument("--set", action="append", default=[], help="override for every variant, e.g. data.kcore=5")
     ap.add_argument("--athwe-set", action="append", default=[], help="override for the ATHWE variants only")
