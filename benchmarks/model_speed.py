@@ -381,15 +381,16 @@ def main() -> None:
     results, failures = [], {}
     for name in names:
         try:
+            with_ref = args.with_reference and name in REFERENCE_STEPS_PER_S
             timed = bench_model(name, args.max_seq_length, args.batch_size, args.steps, args.warmup, args.repeats,
-                                args.max_seconds, with_ref_style=args.with_reference and name in REFERENCE_STEPS_PER_S,
+                                args.max_seconds, with_ref_style=with_ref,
                                 dataset=args.dataset, overrides=args.set, precisions=precisions)
         except Exception as e:  # report and go on with the other models
             failures[name] = f"{type(e).__name__}: {e}"
             print(f"{name}: failed ({failures[name]})", flush=True)
             continue
         results.extend(timed)
-        ref = timed[-1] if timed[-1]["model"].endswith("(ref-style)") else None
+        ref = timed[-1] if with_ref else None  # bench_model puts the ref-style result last
         for r in timed:
             if r is ref:
                 continue
