@@ -51,6 +51,7 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Input length N."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
+    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (train.num_threads; 0 = torch default). With --resume: the threads for the rest of the run."),
     precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16: training steps under bfloat16 autocast (on a CPU, faster only with AMX / AVX-512 BF16); evaluation stays fp32."),
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where run folders are created. Default: ./runs."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run folder to create (default: runs/<model>-<dataset>-<time>)."),
@@ -63,11 +64,11 @@ def train(
 
     def run() -> None:
         if resume is not None:
-            tr.resume(resume)
+            tr.resume(resume, num_threads=threads)
             return
         flags = {"data.data_dir": data_dir, "data.preset": preset, "data.max_seq_length": max_seq_length,
                  "train.loss": loss, "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size,
-                 "train.seed": seed, "train.device": device, "train.precision": precision,
+                 "train.seed": seed, "train.device": device, "train.precision": precision, "train.num_threads": threads,
                  "train.runs_dir": runs_dir}
         cfg = resolve_config(model, dataset, str(config) if config else None, set_, flags)
         if dry_run:

@@ -36,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  # noqa: E402
 from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
                        epoch_printer, exit_with_parent, finished_run, load_avg, read_table, record_of, seeds_cell,
-                       speed_cell, train_or_reuse, training_command)
+                       speed_cell, threads_cell, train_or_reuse, training_command)
 from athwe.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 METRICS = ["HR@5", "HR@10", "HR@20", "NDCG@5", "NDCG@10", "NDCG@20"]
@@ -212,9 +212,9 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
              f"Protocol: {h.get('preset', '?')} preset, history {h.get('history', '?')}, full ranking over all items, "
              "chronological leave-one-out, one target per user, ties count items scored strictly higher, padding "
              f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). Device {meta['device']}, "
-             f"{meta['threads']} thread(s); {load_line(meta, rows)}.", "",
-             "| variant | seeds | " + " | ".join(METRICS) + " | valid NDCG@10 | best epochs | samples/s | peak memory (MB) |",
-             "|---" * (6 + len(METRICS)) + "|"]
+             f"CPU threads per run in column threads; {load_line(meta, rows)}.", "",
+             "| variant | seeds | " + " | ".join(METRICS) + " | valid NDCG@10 | best epochs | threads | samples/s | peak memory (MB) |",
+             "|---" * (7 + len(METRICS)) + "|"]
     for r in rows:
         runs = r["runs"]
         if not runs:
@@ -224,7 +224,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
         lines.append(f"| {r['variant']} | {seeds_cell(runs)} | " + " | ".join(cells) +
                      f" | {mean_std([x['valid']['NDCG@10'] for x in runs]) if all('valid' in x for x in runs) else 'n/a'}"
-                     f" | {','.join(str(x['best_epoch']) for x in runs)} | "
+                     f" | {','.join(str(x['best_epoch']) for x in runs)} | {threads_cell(runs)} | "
                      f"{speed_cell(runs)} | {max(mem):.0f} ({kind})"
                      f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
     lines += ["", "Valid NDCG@10: the validation split's NDCG@10 at the best epoch (the early-stopping metric), "
@@ -263,6 +263,12 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
                   "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
                   "(ID only; category prediction stays on)."]
+    switched = [f"{r['variant']} seed {x['seed']} (" + ", then ".join(f"{n or 'default'} for {e} epoch{'s' * (e != 1)}"
+                                                           for n, e in x["threads"]) + ")"
+                for r in rows for x in r["runs"] if len(x.get("threads") or []) > 1]
+    if switched:
+        lines += ["", "Resumed on another thread count (a→b in column threads; samples/s is over all its epochs): "
+                  + "; ".join(switched) + "."]
     if any(x.get("resumed") for r in rows for x in r["runs"]):
         lines += ["", "Peak memory marked * includes a run that was interrupted and resumed: its figure is the peak "
                   "of the resumed part (the process that finished the run)."]

@@ -182,6 +182,7 @@ def finished(run: Path) -> dict[str, Any] | None:
               "test": res["test"], "valid": res["valid"], "header": res["header"],
               "config": yaml.safe_load((run / "config.yaml").read_text()),
               "wall_s": res["train_seconds"], "wall_s_is_train_s": True}
+    record["threads"] = epoch_threads(run, record["config"])
     path = run / BENCH_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -230,6 +231,34 @@ CARRIED_NOTE = ("Seeds marked † are carried over from the earlier version of t
                 "that mixes carried and new seeds lists samples/s per seed.")
 
 
+def epoch_threads(run: Path, cfg: Any) -> list[list[int]]:
+    """The CPU threads a run's epochs trained on, as [threads, epochs] stretches in epoch order
+    (a run resumed with another thread count has two). Epoch records from before the count was
+    recorded take the run config's train.num_threads (0: torch's default, count unknown)."""
+    from athwe.training.trainer import read_metrics
+
+    train = cfg.get("train") if isinstance(cfg, dict) else None
+    default = int((train or {}).get("num_threads") or 0)
+    path = run / "metrics.jsonl"
+    out: list[list[int]] = []
+    for r in read_metrics(path) if path.is_file() else []:
+        n = int(r.get("num_threads", default))
+        if out and out[-1][0] == n:
+            out[-1][1] += 1
+        else:
+            out.append([n, 1])
+    return out
+
+
+def threads_cell(runs: list[dict[str, Any]]) -> str:
+    """A table's threads cell: each run's CPU thread count, "a→b" for a run resumed on b threads
+    after training on a, "default" for torch's own choice (0)."""
+    def one(x: dict[str, Any]) -> str:
+        stretches = x.get("threads") or [[int(((x.get("config") or {}).get("train") or {}).get("num_threads") or 0), 0]]
+        return "→".join(str(n) if n else "default" for n, _ in stretches)
+    return ",".join(one(x) for x in runs)
+
+
 def seeds_cell(runs: list[dict[str, Any]]) -> str:
     """A table's seeds cell: the seeds of a row's runs, † after those carried over."""
     return ",".join(f"{x['seed']}{'†' if x.get('carried') else ''}" for x in runs)
@@ -268,7 +297,7 @@ def train_or_reuse(cfg: Any, fresh: bool = False, log: Callable[[str], None] = p
     t0 = time.perf_counter()
     if found is not None and (found / "last.pt").is_file():
         log(f"resuming {found}")
-        resume(found, printer=printer, progress=False)
+        resume(found, printer=printer, progress=False, num_threads=cfg.train.num_threads or None)
         return found, "resumed", time.perf_counter() - t0
     run_dir, _ = train(cfg, printer=printer, progress=False)
     return run_dir, "trained", time.perf_counter() - t0

@@ -529,3 +529,28 @@ def test_ml100k_table_notes_only_what_it_holds(tmp_path):
         False, False, True)
     md = (tmp_path / "t.md").read_text()
     assert "| 0.2250 ± 0.0354 | 3,3 |" in md and "bf16 (bfloat16 autocast" in md and ": ATHWE seed 2." in md
+
+
+def test_thread_counts_per_run_in_records_and_tables(tmp_path):
+    """A run's record lists the threads its epochs trained on (the config's count for epochs from
+    before it was recorded); the ml-100k table shows them per run and names runs that switched."""
+    import athwe_ml100k
+    from run_cache import threads_cell
+
+    cfg = resolve_config("sasrec", "ml-100k", flags={"train.num_threads": 1}).to_dict()
+    run = _run(tmp_path, "r", cfg, True, 0)
+    epochs = [{"epoch": 1}, {"epoch": 2, "num_threads": 2}, {"epoch": 3, "num_threads": 2}]
+    (run / "metrics.jsonl").write_text("".join(json.dumps(e) + "\n" for e in epochs))
+    rec = finished(run)
+    assert rec["threads"] == [[1, 1], [2, 2]]
+    default = {"config": {"train": {"num_threads": 0}}}  # an older record: no per-epoch counts
+    assert threads_cell([rec, {"threads": [[2, 4]]}, default]) == "1→2,2,default"
+
+    meta = {"dataset": "ml-100k", "command": "python x", "seeds": [1], "device": "cpu", "threads": 1,
+            "load_avg": [], "report_only": False}
+    row = {**rec, "seed": 7, "test": {m: 0.1 for m in athwe_ml100k.METRICS}}
+    athwe_ml100k.write(str(tmp_path / "t"), meta, [{"variant": "ATHWE", "model": "athwe", "runs": [row]}], final=False)
+    md = (tmp_path / "t.md").read_text()
+    assert "| valid NDCG@10 | best epochs | threads | samples/s |" in md
+    assert "| 3 | 1→2 | 100 |" in md
+    assert "ATHWE seed 7 (1 for 1 epoch, then 2 for 2 epochs)" in md

@@ -354,3 +354,32 @@ def test_bad_precision_is_a_one_line_cli_error(tmp_path):
     assert not (tmp_path / "r").exists()
     res = _cli(["train", "--model", "sasrec", "--precision", "bf16", "--print-config"], tmp_path)
     assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["precision"] == "bf16"
+
+
+def test_resume_on_another_thread_count_records_it_per_epoch(tiny_data_dir, tmp_path, monkeypatch):
+    """--threads on resume sets the CPU threads for the rest of the run without touching its
+    config.yaml; every epoch record says how many threads it trained on."""
+    before = torch.get_num_threads()
+    heard: list[str] = []
+    try:
+        undo = train_dies_in_epoch(monkeypatch, 2)
+        cfg = tiny_cfg(tiny_data_dir, tmp_path / "runs", num_threads=2)
+        with pytest.raises(KeyboardInterrupt):
+            tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
+        undo()
+        tr.resume(tmp_path / "run", printer=heard.append, progress=False, num_threads=1)
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+    rows = tr.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert [(r["epoch"], r["num_threads"]) for r in rows] == [(1, 2), (2, 2), (3, 1), (4, 1), (5, 1)]
+    assert "note: resuming on 1 CPU thread(s) (the run started with 2)" in heard
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["num_threads"] == 2
+
+
+def test_cli_resume_with_negative_threads_is_a_one_line_error(tmp_path):
+    res = _cli(["train", "--resume", str(tmp_path / "nowhere"), "--threads", "-1"], tmp_path)
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "num_threads must be >= 0" in res.stderr
+    res = _cli(["train", "--model", "sasrec", "--threads", "3", "--print-config"], tmp_path)
+    assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["num_threads"] == 3

@@ -282,7 +282,7 @@ class Trainer:
             else:
                 self.bad_epochs += 1
             record = {"epoch": self.epoch, "train_loss": round(loss, 6), "train_seconds": round(dt, 3),
-                      "samples_per_s": round(len(self.split.train) / dt, 1),
+                      "samples_per_s": round(len(self.split.train) / dt, 1), "num_threads": torch.get_num_threads(),
                       **{f"valid_{k}": round(v, 6) for k, v in valid.items()}}
             with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
@@ -408,10 +408,18 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 
 
 def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
-           stop_after: int | None = None) -> dict[str, Any]:
-    """Continue an interrupted run from its last.pt; ends as the uninterrupted run would."""
+           stop_after: int | None = None, num_threads: int | None = None) -> dict[str, Any]:
+    """Continue an interrupted run from its last.pt; ends as the uninterrupted run would.
+    `num_threads` (> 0) replaces the run's train.num_threads for the rest of it: a setting of the
+    machine, not of the model, kept out of config.yaml; each epoch's record says what it ran on."""
+    if num_threads is not None and num_threads < 0:
+        raise AthweError(f"num_threads must be >= 0 (0 = the run's own setting), got {num_threads}")
     run = Path(run_dir)
     cfg = load_run_config(run)
+    if num_threads and num_threads != cfg.train.num_threads:
+        printer(f"note: resuming on {num_threads} CPU thread(s) (the run started with "
+                f"{cfg.train.num_threads or 'torch default'})")
+        cfg.train.num_threads = num_threads
     last = run / "last.pt"
     if not last.is_file():
         raise AthweError(f"{last}: no checkpoint to resume from")
