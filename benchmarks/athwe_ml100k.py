@@ -55,6 +55,18 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
 ]
 #: variants that are not ablations and not trained unless named in --variants
 EXTRA_VARIANTS = {"ATHWE bf16"}
+#: the time-routing ablation of a dataset whose configs/athwe.yaml section routes on content
+#: (time_routing false) switches time routing on instead
+TIME_ROUTING_ON = ("ATHWE time routing", "athwe", ["model_args.time_routing=true"])
+
+
+def variants(time_routing: bool = True) -> list[tuple[str, str, list[str]]]:
+    """The variants for an ATHWE configuration that routes its experts on time (`time_routing`) or
+    on content: each ablation switches one component of the configured model, so the time-routing
+    row is "no time routing" for the first and "time routing" for the second."""
+    if time_routing:
+        return list(VARIANTS)
+    return [TIME_ROUTING_ON if v[0] == "ATHWE no time routing" else v for v in VARIANTS]
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -258,11 +270,15 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         lines += ["", "Not compared (no per-user test ranks for a run): " + "; ".join(missing) + "."]
     if any(x.get("carried") for r in rows for x in r["runs"]):
         lines += ["", CARRIED_NOTE]
-    ablations = {label for label, model, extra in VARIANTS if model == "athwe" and extra and label not in EXTRA_VARIANTS}
+    ablations = {label for label, model, extra in VARIANTS + [TIME_ROUTING_ON]
+                 if model == "athwe" and extra and label not in EXTRA_VARIANTS}
     if any(r["variant"] in ablations and r["runs"] for r in rows):
-        lines += ["", "Ablations switch one ATHWE component off: time routing (the experts are routed on the fused "
-                  "content instead), the wavelet alignment, the mixture of experts, or every feature modality "
-                  "(ID only; category prediction stays on)."]
+        routing = ("time routing (the experts are routed on the fused content instead)"
+                   if not any(r["variant"] == TIME_ROUTING_ON[0] for r in rows) else
+                   "content routing (row ATHWE time routing: the configured ATHWE routes its experts on the fused "
+                   "content; this row routes them on the time buckets)")
+        lines += ["", f"Ablations switch one component of the configured ATHWE: {routing}, the wavelet alignment, "
+                  "the mixture of experts, or every feature modality (ID only; category prediction stays on)."]
     switched = [f"{r['variant']} seed {x['seed']} (" + ", then ".join(f"{n or 'default'} for {e} epoch{'s' * (e != 1)}"
                                                            for n, e in x["threads"]) + ")"
                 for r in rows for x in r["runs"] if len(x.get("threads") or []) > 1]
@@ -281,8 +297,9 @@ def main() -> None:
     ap.add_argument("--dataset", default="ml-100k")
     ap.add_argument("--data-dir", default=str(ROOT.parent / "shared" / "data"))
     ap.add_argument("--seeds", default="2025,2026,2027")
-    ap.add_argument("--variants", default=",".join(v[0] for v in VARIANTS if v[0] not in EXTRA_VARIANTS),
-                    help=f"comma-separated labels (default: all but {', '.join(sorted(EXTRA_VARIANTS))})")
+    ap.add_argument("--variants", default=None,
+                    help=f"comma-separated labels (default: all but {', '.join(sorted(EXTRA_VARIANTS))}); where the "
+                         f"dataset's ATHWE routes on content, the time-routing ablation is '{TIME_ROUTING_ON[0]}'")
     ap.add_argument("--epochs", type=int, default=None, help="override train.epochs (smoke tests)")
     ap.add_argument("--set", action="append", default=[], help="override for every variant, e.g. data.kcore=5")
     ap.add_argument("--athwe-set", action="append", default=[], help="override for the ATHWE variants only")
@@ -293,20 +310,25 @@ def main() -> None:
     add_reuse_args(ap)
     args = ap.parse_args()
     command = training_command()
-    wanted = [v.strip() for v in args.variants.split(",") if v.strip()]
-    unknown = sorted(set(wanted) - {v[0] for v in VARIANTS})
-    if unknown:
-        ap.error(f"unknown variant(s) {unknown}; known: {[v[0] for v in VARIANTS]}")
     seeds = [int(s) for s in args.seeds.split(",")]
 
     from athwe.config import resolve_config
     from athwe.dataset.demo import DEMO_NAME, DEMO_VERSION, demo_is_current
     from athwe.utils import resolve_device
 
+    athwe_cfg = resolve_config("athwe", args.dataset, overrides=args.set + args.athwe_set)
+    table = variants(bool(athwe_cfg.model_args.get("time_routing", True)))
+    known = [v[0] for v in table]
+    wanted = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants is not None
+              else [x for x in known if x not in EXTRA_VARIANTS])
+    unknown = sorted(set(wanted) - set(known))
+    if unknown:
+        other = {"ATHWE no time routing": "its ATHWE already routes on content", TIME_ROUTING_ON[0]: "its ATHWE already "
+                 "routes on time"}
+        why = "".join(f"; {u}: {other[u]} on {args.dataset}" for u in unknown if u in other)
+        ap.error(f"unknown variant(s) {unknown}{why}; known: {known}")
     args.data_dir = writable_data_dir(args.dataset, args.data_dir, Path(args.runs_dir) / "data")
-    athwe_cfg = resolve_config("athwe", args.dataset, overrides=args.set + args.athwe_set,
-                               flags={"data.data_dir": args.data_dir})
-    if not args.report_only and any(VARIANTS[[v[0] for v in VARIANTS].index(w)][1] == "athwe" for w in wanted):
+    if not args.report_only and any(table[known.index(w)][1] == "athwe" for w in wanted):
         ensure_features(args.dataset, args.data_dir, athwe_cfg.data.kcore, args.text_model, args.device)
     if args.report_only and args.dataset == DEMO_NAME and not demo_is_current(args.data_dir):
         print(f"warning: {Path(args.data_dir) / DEMO_NAME} was made by another version of the demo generator "
@@ -321,7 +343,7 @@ def main() -> None:
     earlier_table = read_table(args.out) if args.report_only else {}
     earlier = earlier_records(earlier_table)
     rows = []
-    for label, model, extra in VARIANTS:
+    for label, model, extra in table:
         if label not in wanted:
             continue
         overrides = args.set + (args.athwe_set if model == "athwe" else []) + extra

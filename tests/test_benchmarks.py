@@ -554,3 +554,31 @@ def test_thread_counts_per_run_in_records_and_tables(tmp_path):
     assert "| valid NDCG@10 | best epochs | threads | samples/s |" in md
     assert "| 3 | 1→2 | 100 |" in md
     assert "ATHWE seed 7 (1 for 1 epoch, then 2 for 2 epochs)" in md
+
+
+def test_ml100k_time_routing_ablation_follows_the_configured_routing(tmp_path, monkeypatch, capsys):
+    """Where the dataset's ATHWE routes on content, the time-routing row switches time routing on
+    (the configured model is row ATHWE), and asking for 'no time routing' says why it is not there."""
+    import athwe_ml100k
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    (data / "ml-100k").mkdir(parents=True)
+    for name, routing in (("content", "false"), ("time", "true")):
+        cfg = resolve_config("athwe", "ml-100k", overrides=[f"model_args.time_routing={routing}"],
+                             flags={"train.seed": 1}).to_dict()
+        run = _run(runs, name, cfg, True, 0)
+        rec = json.loads((run / "results.json").read_text())
+        rec["test"] = {m: 0.2 if routing == "false" else 0.1 for m in athwe_ml100k.METRICS}
+        (run / "results.json").write_text(json.dumps(rec))
+    argv = ["athwe_ml100k.py", "--data-dir", str(data), "--runs-dir", str(runs), "--seeds", "1", "--report-only",
+            "--athwe-set", "model_args.time_routing=false", "--out", str(tmp_path / "t")]
+    monkeypatch.setattr(sys, "argv", argv + ["--variants", "ATHWE,ATHWE time routing"])
+    athwe_ml100k.main()
+    md = (tmp_path / "t.md").read_text()
+    assert "| ATHWE | 1 | 0.2000 |" in md and "| ATHWE time routing | 1 | 0.1000 |" in md
+    assert "switch one component of the configured ATHWE: content routing (row ATHWE time routing" in md
+    monkeypatch.setattr(sys, "argv", argv + ["--variants", "ATHWE no time routing"])
+    with pytest.raises(SystemExit):
+        athwe_ml100k.main()
+    assert "ATHWE no time routing: its ATHWE already routes on content on ml-100k" in capsys.readouterr().err
+    assert [v[0] for v in athwe_ml100k.variants(True)] == [v[0] for v in athwe_ml100k.VARIANTS]
