@@ -212,6 +212,21 @@ def load_line(meta: dict[str, Any], rows: list[dict[str, Any]]) -> str:
     return f"1-minute load average before each run {min(loads):g}-{max(loads):g}{share}"
 
 
+def other_tables_line(meta: dict[str, Any], rows: list[dict[str, Any]]) -> list[str]:
+    """The note naming the tables (--carry-from) that carried seeds were taken from, other than this
+    table's own earlier version; none when there are no such seeds."""
+    by_table: dict[str, list[str]] = {}
+    for r in rows:
+        for x in r["runs"]:
+            src = x.get("carried_from")
+            if x.get("carried") and src and src != meta.get("out"):
+                by_table.setdefault(src, []).append(f"{r['variant']} {x['seed']}")
+    if not by_table:
+        return []
+    return ["", "Carried from other tables (their .json records; key carried_from in this table's .json): " +
+            "; ".join(f"{', '.join(seeds)} from {src}" for src, seeds in by_table.items()) + "."]
+
+
 def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: bool = True,
           stored: Stored | None = None, earlier: dict[str, Any] | None = None) -> None:
     """The table and its .json; the paired comparisons (which evaluate every run's checkpoint, and
@@ -270,6 +285,7 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         lines += ["", "Not compared (no per-user test ranks for a run): " + "; ".join(missing) + "."]
     if any(x.get("carried") for r in rows for x in r["runs"]):
         lines += ["", CARRIED_NOTE]
+        lines += other_tables_line(meta, rows)
     ablations = {label for label, model, extra in VARIANTS + [TIME_ROUTING_ON]
                  if model == "athwe" and extra and label not in EXTRA_VARIANTS}
     if any(r["variant"] in ablations and r["runs"] for r in rows):
@@ -307,6 +323,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="train.num_threads (0 = torch default)")
     ap.add_argument("--out", default="benchmarks/results/athwe_ml100k")
+    ap.add_argument("--carry-from", action="append", default=[], metavar="TABLE",
+                    help="another table (path without .md) whose run records and kept test ranks are carried over "
+                         "like --out's own, for runs with no folder here (repeatable; where tables share a run, "
+                         "the later one named wins, and --out over all)")
     add_reuse_args(ap)
     args = ap.parse_args()
     command = training_command()
@@ -317,8 +337,8 @@ def main() -> None:
     from athwe.utils import resolve_device
 
     athwe_cfg = resolve_config("athwe", args.dataset, overrides=args.set + args.athwe_set)
-    table = variants(bool(athwe_cfg.model_args.get("time_routing", True)))
-    known = [v[0] for v in table]
+    chosen = variants(bool(athwe_cfg.model_args.get("time_routing", True)))
+    known = [v[0] for v in chosen]
     wanted = ([v.strip() for v in args.variants.split(",") if v.strip()] if args.variants is not None
               else [x for x in known if x not in EXTRA_VARIANTS])
     unknown = sorted(set(wanted) - set(known))
@@ -328,7 +348,7 @@ def main() -> None:
         why = "".join(f"; {u}: {other[u]} on {args.dataset}" for u in unknown if u in other)
         ap.error(f"unknown variant(s) {unknown}{why}; known: {known}")
     args.data_dir = writable_data_dir(args.dataset, args.data_dir, Path(args.runs_dir) / "data")
-    if not args.report_only and any(table[known.index(w)][1] == "athwe" for w in wanted):
+    if not args.report_only and any(chosen[known.index(w)][1] == "athwe" for w in wanted):
         ensure_features(args.dataset, args.data_dir, athwe_cfg.data.kcore, args.text_model, args.device)
     if args.report_only and args.dataset == DEMO_NAME and not demo_is_current(args.data_dir):
         print(f"warning: {Path(args.data_dir) / DEMO_NAME} was made by another version of the demo generator "
@@ -339,11 +359,20 @@ def main() -> None:
     meta = {"command": command, "dataset": args.dataset, "seeds": seeds, "device": str(resolve_device(args.device)),
             "threads": args.threads or torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "report_only": args.report_only, "load_avg": load_avg()}
-    stored = load_stored(args.out)
+    stored: Stored = {}
+    earlier: list[dict[str, Any]] = []
+    for other in args.carry_from:
+        source = read_table(other)
+        if not source:
+            raise SystemExit(f"error: {other}.json: no table to carry runs from")
+        earlier += [{"carried_from": other, **rec} for rec in earlier_records(source)]  # keeps an older origin
+        stored.update(load_stored(other))
+    stored.update(load_stored(args.out))
     earlier_table = read_table(args.out) if args.report_only else {}
-    earlier = earlier_records(earlier_table)
+    earlier += earlier_records(earlier_table)
+    meta["out"] = args.out
     rows = []
-    for label, model, extra in table:
+    for label, model, extra in chosen:
         if label not in wanted:
             continue
         overrides = args.set + (args.athwe_set if model == "athwe" else []) + extra
@@ -358,7 +387,8 @@ def main() -> None:
             if res is None and earlier:
                 res = carried_record(cfg, earlier)
                 if res is not None:
-                    print(f"{label} seed {seed}: carried over from {args.out}.json (run folder {res['run_dir']} not here)",
+                    print(f"{label} seed {seed}: carried over from {res.get('carried_from', args.out)}.json "
+                          f"(run folder {res['run_dir']} not here)",
                           flush=True)
             if res is not None:
                 if not res.get("carried"):

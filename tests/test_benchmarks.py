@@ -582,3 +582,41 @@ def test_ml100k_time_routing_ablation_follows_the_configured_routing(tmp_path, m
         athwe_ml100k.main()
     assert "ATHWE no time routing: its ATHWE already routes on content on ml-100k" in capsys.readouterr().err
     assert [v[0] for v in athwe_ml100k.variants(True)] == [v[0] for v in athwe_ml100k.VARIANTS]
+
+
+def test_ml100k_carry_from_takes_runs_recorded_by_other_tables(tmp_path, monkeypatch, capsys):
+    """--carry-from: runs whose folders are gone are taken from another table's .json (named in the
+    log, the table's note and its .json), and carried again from the new table when rebuilt."""
+    import shutil
+
+    import athwe_ml100k
+
+    data, runs = tmp_path / "data", tmp_path / "runs"
+    (data / "ml-100k").mkdir(parents=True)
+    for seed in (1, 2):
+        run = _run(runs, f"sasrec-{seed}", resolve_config("sasrec", "ml-100k", flags={"train.seed": seed}).to_dict(),
+                   True, seed)
+        rec = json.loads((run / "results.json").read_text())
+        rec["test"] = {m: 0.1 * seed for m in athwe_ml100k.METRICS}
+        (run / "results.json").write_text(json.dumps(rec))
+    base = ["athwe_ml100k.py", "--data-dir", str(data), "--runs-dir", str(runs), "--seeds", "1,2",
+            "--variants", "SASRec", "--report-only"]
+    monkeypatch.setattr(sys, "argv", base + ["--out", str(tmp_path / "old")])
+    athwe_ml100k.main()
+    shutil.rmtree(runs / "sasrec-1")  # seed 1 now lives only in table "old"
+    capsys.readouterr()
+    new = base + ["--out", str(tmp_path / "new"), "--carry-from", str(tmp_path / "old")]
+    monkeypatch.setattr(sys, "argv", new)
+    athwe_ml100k.main()
+    assert f"SASRec seed 1: carried over from {tmp_path / 'old'}.json" in capsys.readouterr().out
+    md = (tmp_path / "new.md").read_text()
+    assert "| SASRec | 1†,2 | 0.1500 ± 0.0707 |" in md
+    assert f"Carried from other tables (their .json records; key carried_from in this table's .json): SASRec 1 from " \
+           f"{tmp_path / 'old'}." in md
+    monkeypatch.setattr(sys, "argv", base + ["--out", str(tmp_path / "new")])  # rebuilt from itself: origin kept
+    athwe_ml100k.main()
+    assert "| SASRec | 1†,2 | 0.1500 ± 0.0707 |" in (tmp_path / "new.md").read_text()
+    assert f"SASRec 1 from {tmp_path / 'old'}." in (tmp_path / "new.md").read_text()
+    monkeypatch.setattr(sys, "argv", new + ["--carry-from", str(tmp_path / "missing")])
+    with pytest.raises(SystemExit, match="missing.json: no table to carry runs from"):
+        athwe_ml100k.main()
