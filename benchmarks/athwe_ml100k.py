@@ -67,6 +67,8 @@ def variants(time_routing: bool = True) -> list[tuple[str, str, list[str]]]:
     if time_routing:
         return list(VARIANTS)
     return [TIME_ROUTING_ON if v[0] == "ATHWE no time routing" else v for v in VARIANTS]
+
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
