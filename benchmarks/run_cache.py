@@ -3,7 +3,8 @@ job time limit) continues where it left off when it is started again with the sa
 
 A run folder matches a requested run when its saved config.yaml equals the requested config in
 everything that can change the result; the thread count, device, runs folder and data folder are
-left out of the comparison (they change speed or paths, not what is trained). The data must be
+left out of the comparison (they change speed or paths, not what is trained), and so are model
+settings that have no effect given the others (ATHWE's expert routing while its experts are off). The data must be
 the same too: a run records a fingerprint of its dataset folder's files (and extracted feature
 manifest) in benchmark.json and matches only while they are unchanged (a regenerated demo or
 re-extracted features invalidate older runs); a run that has no fingerprint yet (one still
@@ -30,6 +31,7 @@ from typing import Any, Callable
 
 import yaml
 
+from athwe.models import unused_model_keys
 from athwe.utils import atomic_write_json, hash_file
 
 #: (section, key) pairs that do not change what a run computes
@@ -49,9 +51,16 @@ FINGERPRINT_SCHEME = 4
 
 
 def result_key(cfg: dict[str, Any]) -> dict[str, Any]:
+    """What of a run's config can change its result: the config less IGNORED and less the model
+    settings that have no effect given the others (`unused_model_keys`: ATHWE's expert settings
+    with its mixture of experts off), with ADDED's defaults filled in."""
     key = copy.deepcopy(cfg)
     for section, name in IGNORED:
         key.get(section, {}).pop(name, None)
+    args = key.get("model_args")
+    if isinstance(args, dict) and isinstance(key.get("model"), str):
+        for name in unused_model_keys(key["model"], args):
+            args.pop(name)
     for section, name, value in ADDED:
         if isinstance(key.get(section), dict):
             key[section].setdefault(name, value)

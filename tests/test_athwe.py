@@ -16,7 +16,7 @@ from athwe.config import resolve_config
 from athwe.dataset.sequences import load_sequences
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
-from athwe.models import create_model
+from athwe.models import create_model, unused_model_keys
 from athwe.models.athwe import ATHWE, WaveletAlign, tcl_mask, time_buckets
 from athwe.training import trainer as tr
 from conftest import random_features, write_random_features, write_tiny_dataset
@@ -351,6 +351,30 @@ def test_content_routing_when_time_routing_is_off():
     timed = make({"hidden_dropout": 0.0, "attn_dropout": 0.0}).eval()
     with torch.no_grad():
         assert not torch.allclose(timed.scores(b), timed.scores(other))
+
+
+def test_expert_settings_change_nothing_while_the_experts_are_off():
+    experts = {"routed_experts": 3, "moe_topk": 2, "shared_experts": 2, "expert_init_std": 0.5,
+               "cosine_lambda": 0.3, "diversity_weight": 0.1}
+    a = make({"moe": False, "time_routing": True}, seed=3)
+    b = make({"moe": False, "time_routing": False, **experts}, seed=3)
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+    a.train(), b.train()
+    torch.manual_seed(5)
+    la = a.loss(batch())
+    torch.manual_seed(5)
+    lb = b.loss(batch())
+    assert torch.equal(la, lb)  # same parameters, same dropout draws, same loss
+    assert unused_model_keys("athwe", {"moe": False, "time_routing": True, **experts}) == {"time_routing", *experts}
+    assert unused_model_keys("athwe", {"moe": False, "wavelet": False}) == set()
+    assert unused_model_keys("athwe", {"time_routing": False, **experts}) == set()  # experts on (the default)
+    assert unused_model_keys("sasrec", {"hidden_size": 8}) == set()
+    assert unused_model_keys("no-such-model", {}) == set()
+    # with the experts on, the routing changes the model
+    c = make({"time_routing": False}, seed=3)
+    assert "time_routing.weight" in make({"time_routing": True}, seed=3).state_dict()
+    assert "time_routing.weight" not in c.state_dict()
 
 
 def test_config_is_validated():

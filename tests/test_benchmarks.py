@@ -62,6 +62,20 @@ def test_runs_recorded_before_train_precision_existed_match_as_fp32(tmp_path):
     assert find_run(bf16, tmp_path) is None
 
 
+def test_athwe_runs_without_experts_match_whatever_their_expert_routing(tmp_path):
+    def cfg(*sets: str) -> dict:
+        return resolve_config("athwe", "ml-100k", overrides=["train.seed=1", *sets]).to_dict()
+
+    run = _run(tmp_path, "no_moe", cfg("model_args.moe=false", "model_args.time_routing=true"), True, 0)
+    # with the experts off their routing and sizes build nothing, so the run stands for either routing
+    assert find_run(cfg("model_args.moe=false", "model_args.time_routing=false"), tmp_path) == run
+    assert find_run(cfg("model_args.moe=false", "model_args.routed_experts=4", "model_args.moe_topk=2"), tmp_path) == run
+    assert find_run(cfg("model_args.moe=false", "model_args.wavelet=false"), tmp_path) is None
+    routed = _run(tmp_path, "moe", cfg("model_args.time_routing=true"), True, 0)
+    assert find_run(cfg("model_args.time_routing=true"), tmp_path) == routed
+    assert find_run(cfg("model_args.time_routing=false"), tmp_path) is None
+
+
 def test_finished_record_prefers_saved_wall_time(tmp_path):
     cfg = resolve_config("sasrec", "LastFM").to_dict()
     run = _run(tmp_path, "r", cfg, True, 0)

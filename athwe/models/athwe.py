@@ -55,6 +55,10 @@ REFERENCE_TIME_SCALE = 1.5e7
 #: long tail over the rest. (The median would push every gap a few times longer than typical into the
 #: top bucket: on the demo, whose gap kinds are minutes-hours, days and weeks, it merges the last two.)
 AUTO_TIME_QUANTILE = 0.9
+#: settings that change nothing while ``moe`` is false: they only shape the experts, their routing
+#: and the diversity loss, none of which is built then
+MOE_ONLY_KEYS = ("time_routing", "routed_experts", "moe_topk", "shared_experts", "expert_init_std",
+                 "cosine_lambda", "diversity_weight")
 
 
 @dataclass
@@ -89,6 +93,12 @@ class ATHWEConfig(EncoderConfig):
     beta: float = 0.2
     phcl_temperature: float = 1.0
     phcl_weight: float = 1.0
+
+    @staticmethod
+    def unused_keys(values: dict[str, Any]) -> set[str]:
+        """The keys of `values` (model settings, defaults left out or not) that cannot change what
+        the model computes given the others: the expert settings while ``moe`` is false."""
+        return set(MOE_ONLY_KEYS) & set(values) if values.get("moe", True) is False else set()
 
     def __post_init__(self) -> None:
         super().__post_init__()

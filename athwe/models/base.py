@@ -187,6 +187,16 @@ def get_entry(name: str) -> ModelEntry:
     return _REGISTRY[name]
 
 
+def unused_model_keys(name: str, values: dict[str, Any]) -> set[str]:
+    """The settings in `values` (a model's settings as written in a config) that cannot change
+    what model `name` computes given the rest, such as ATHWE's expert settings with its mixture of
+    experts off; empty for a model that declares none (its config class has no ``unused_keys``) or
+    an unknown name."""
+    entry = _REGISTRY.get(name)
+    unused = getattr(entry.config_cls, "unused_keys", None) if entry is not None else None
+    return set(unused(values)) if unused is not None else set()
+
+
 def build_model_config(name: str, values: dict[str, Any] | None = None) -> Any:
     """The model's config dataclass from a dict; unknown keys are an error."""
     cls = get_entry(name).config_cls
