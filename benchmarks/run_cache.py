@@ -259,13 +259,16 @@ def epoch_threads(run: Path, cfg: Any) -> list[list[int]]:
     return out
 
 
+def run_threads(x: dict[str, Any]) -> str:
+    """A run record's CPU thread count, "a→b" for a run resumed on b threads after training on a,
+    "default" for torch's own choice (0)."""
+    stretches = x.get("threads") or [[int(((x.get("config") or {}).get("train") or {}).get("num_threads") or 0), 0]]
+    return "→".join(str(n) if n else "default" for n, _ in stretches)
+
+
 def threads_cell(runs: list[dict[str, Any]]) -> str:
-    """A table's threads cell: each run's CPU thread count, "a→b" for a run resumed on b threads
-    after training on a, "default" for torch's own choice (0)."""
-    def one(x: dict[str, Any]) -> str:
-        stretches = x.get("threads") or [[int(((x.get("config") or {}).get("train") or {}).get("num_threads") or 0), 0]]
-        return "→".join(str(n) if n else "default" for n, _ in stretches)
-    return ",".join(one(x) for x in runs)
+    """A table's threads cell: each run's `run_threads`."""
+    return ",".join(run_threads(x) for x in runs)
 
 
 def seeds_cell(runs: list[dict[str, Any]]) -> str:
@@ -275,9 +278,10 @@ def seeds_cell(runs: list[dict[str, Any]]) -> str:
 
 def speed_cell(runs: list[dict[str, Any]]) -> str:
     """A table's samples/s cell: the mean over a row's runs, or each run's figure when the row mixes
-    carried-over and new runs (measured on different machines, so not averaged)."""
+    carried-over and new runs (measured on different machines) or runs on different thread counts,
+    which are not averaged."""
     speeds = [x["samples_per_s"] for x in runs]
-    if len({bool(x.get("carried")) for x in runs}) > 1:
+    if len({bool(x.get("carried")) for x in runs}) > 1 or len({run_threads(x) for x in runs}) > 1:
         return ",".join(f"{v:.0f}" for v in speeds)
     return f"{statistics.mean(speeds):.0f}"
 

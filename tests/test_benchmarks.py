@@ -549,7 +549,7 @@ def test_thread_counts_per_run_in_records_and_tables(tmp_path):
     """A run's record lists the threads its epochs trained on (the config's count for epochs from
     before it was recorded); the ml-100k table shows them per run and names runs that switched."""
     import athwe_ml100k
-    from run_cache import threads_cell
+    from run_cache import speed_cell, threads_cell
 
     cfg = resolve_config("sasrec", "ml-100k", flags={"train.num_threads": 1}).to_dict()
     run = _run(tmp_path, "r", cfg, True, 0)
@@ -559,6 +559,10 @@ def test_thread_counts_per_run_in_records_and_tables(tmp_path):
     assert rec["threads"] == [[1, 1], [2, 2]]
     default = {"config": {"train": {"num_threads": 0}}}  # an older record: no per-epoch counts
     assert threads_cell([rec, {"threads": [[2, 4]]}, default]) == "1→2,2,default"
+    # runs on different thread counts are not averaged
+    one, two = {"samples_per_s": 100.0, "threads": [[1, 5]]}, {"samples_per_s": 300.0, "threads": [[2, 5]]}
+    assert speed_cell([one, dict(one, samples_per_s=200.0)]) == "150"
+    assert speed_cell([one, two]) == "100,300"
 
     meta = {"dataset": "ml-100k", "command": "python x", "seeds": [1], "device": "cpu", "threads": 1,
             "load_avg": [], "report_only": False}
