@@ -56,6 +56,7 @@ def train(
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where run folders are created. Default: ./runs."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run folder to create (default: runs/<model>-<dataset>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder from its last checkpoint."),
+    allow_new_features: bool = typer.Option(False, "--allow-new-features", help="With --resume: continue an ATHWE run on item features extracted again with the same settings (e.g. on another CPU, where the embeddings differ in their last bits); recorded in the run's features.json."),
     dry_run: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Train a model and report full-ranking test metrics. With no arguments: the bundled demo."""
@@ -64,8 +65,10 @@ def train(
 
     def run() -> None:
         if resume is not None:
-            tr.resume(resume, num_threads=threads)
+            tr.resume(resume, num_threads=threads, allow_new_features=allow_new_features)
             return
+        if allow_new_features:
+            raise AthweError("--allow-new-features applies only with --resume RUN")
         flags = {"data.data_dir": data_dir, "data.preset": preset, "data.max_seq_length": max_seq_length,
                  "train.loss": loss, "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size,
                  "train.seed": seed, "train.device": device, "train.precision": precision, "train.num_threads": threads,

@@ -303,6 +303,13 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
     if switched:
         lines += ["", "Resumed on another thread count (a→b in column threads; samples/s is over all its epochs): "
                   + "; ".join(switched) + "."]
+    refeatured = [f"{r['variant']} seed {x['seed']} (after epoch " + ", ".join(str(c["after_epoch"]) for c in
+                                                                      x["feature_changes"]) + ")"
+                  for r in rows for x in r["runs"] if x.get("feature_changes")]
+    if refeatured:
+        lines += ["", "Resumed on item features extracted again on another machine (the same text model, items and "
+                  "categories; the float embeddings differ in their last bits between CPUs and thread counts, so "
+                  "their fingerprint changed; key feature_changes in the .json): " + "; ".join(refeatured) + "."]
     if any(x.get("resumed") for r in rows for x in r["runs"]):
         lines += ["", "Peak memory marked * includes a run that was interrupted and resumed: its figure is the peak "
                   "of the resumed part (the process that finished the run)."]

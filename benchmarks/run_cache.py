@@ -32,6 +32,7 @@ from typing import Any, Callable
 import yaml
 
 from athwe.models import unused_model_keys
+from athwe.training.trainer import feature_changes
 from athwe.utils import atomic_write_json, hash_file
 
 #: (section, key) pairs that do not change what a run computes
@@ -192,6 +193,9 @@ def finished(run: Path) -> dict[str, Any] | None:
               "config": yaml.safe_load((run / "config.yaml").read_text()),
               "wall_s": res["train_seconds"], "wall_s_is_train_s": True}
     record["threads"] = epoch_threads(run, record["config"])
+    changes = feature_changes(run)
+    if changes:
+        record["feature_changes"] = changes
     path = run / BENCH_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -310,7 +314,11 @@ def train_or_reuse(cfg: Any, fresh: bool = False, log: Callable[[str], None] = p
     t0 = time.perf_counter()
     if found is not None and (found / "last.pt").is_file():
         log(f"resuming {found}")
-        resume(found, printer=printer, progress=False, num_threads=cfg.train.num_threads or None)
+        # find_run matched the data fingerprint, which leaves out the float embeddings' checksums
+        # (FINGERPRINT_SCHEME 4): features extracted again with the same model and settings on
+        # another machine are the same data here, so the run goes on on them (recorded in the run)
+        resume(found, printer=printer, progress=False, num_threads=cfg.train.num_threads or None,
+               allow_new_features=True)
         return found, "resumed", time.perf_counter() - t0
     run_dir, _ = train(cfg, printer=printer, progress=False)
     return run_dir, "trained", time.perf_counter() - t0

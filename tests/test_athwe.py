@@ -413,6 +413,55 @@ def test_cpu_training_run_and_reload(tmp_path):
     assert tr.evaluate_run(run)["test"] == pytest.approx(results["test"])
 
 
+def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
+    """Features extracted again (here: the text table moved by one float step in some entries, as
+    another CPU gives) change the fingerprint: resuming onto them is refused with a one-line hint,
+    goes on with allow_new_features (recorded in features.json), the checkpoints from before the
+    change still load for the final and later evaluations, and a third feature set is refused."""
+    from conftest import train_dies_in_epoch
+    from athwe.feature_extraction.store import TEXT_FILE, features_dir
+
+    data = write_tiny_dataset(tmp_path / "data")
+    flags = {"data.data_dir": str(data), "data.max_seq_length": 8, "train.epochs": 3, "train.batch_size": 64,
+             "train.runs_dir": str(tmp_path / "runs"), "train.device": "cpu"}
+    overrides = [f"model_args.{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    cfg = resolve_config("athwe", "tiny", overrides=overrides, flags=flags)
+    tokens = load_sequences(data, "tiny", kcore=cfg.data.kcore).item_tokens
+    folder = write_random_features(data / "tiny", tokens)
+    undo = train_dies_in_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
+    undo()
+    early = torch.load(tmp_path / "run" / "best.pt", weights_only=True)  # epoch 1's, on the first features
+    text = torch.load(folder / TEXT_FILE)
+    bumped = text.clone()
+    bumped[1::3, ::2] = torch.nextafter(bumped[1::3, ::2], torch.tensor(math.inf))
+    torch.save(bumped, folder / TEXT_FILE)
+    with pytest.raises(AthweError, match="--allow-new-features") as e:
+        tr.resume(tmp_path / "run", printer=lambda s: None, progress=False)
+    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "run" / tr.FEATURES_FILE).exists()
+    heard: list[str] = []
+    results = tr.resume(tmp_path / "run", printer=heard.append, progress=False, allow_new_features=True)
+    assert results["epochs_run"] == 3
+    changes = tr.feature_changes(tmp_path / "run")
+    assert [c["after_epoch"] for c in changes] == [1] and changes[0]["from"] != changes[0]["to"]
+    assert any(line.startswith("note: continuing on item features") for line in heard)
+    fp = tr._saved_feature_fingerprint
+    assert fp(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]) == changes[0]["to"]
+    assert fp(early) == changes[0]["from"]
+    # best.pt (either fingerprint) gives the training's own test figures; epoch 1's loads as well
+    assert tr.evaluate_run(tmp_path / "run")["test"] == pytest.approx(results["test"])
+    torch.save(early, tmp_path / "run" / "best.pt")
+    assert 0.0 <= tr.evaluate_run(tmp_path / "run")["test"]["NDCG@10"] <= 1.0
+    torch.save(text + 0.5, folder / TEXT_FILE)  # features the run never saw
+    with pytest.raises(AthweError, match="extracted again since"):
+        tr.evaluate_run(tmp_path / "run")
+    (tmp_path / "run" / tr.FEATURES_FILE).write_text("{not json")
+    with pytest.raises(AthweError, match="features.json: unreadable"):
+        tr.evaluate_run(tmp_path / "run")
+    assert features_dir(data / "tiny") == folder
+
+
 def test_training_after_a_first_call_in_inference_mode():
     model = make().eval()
     with torch.inference_mode():

@@ -574,6 +574,31 @@ def test_thread_counts_per_run_in_records_and_tables(tmp_path):
     assert "ATHWE seed 7 (1 for 1 epoch, then 2 for 2 epochs)" in md
 
 
+def test_feature_changes_in_records_and_tables(tmp_path):
+    """A run resumed on features extracted again carries its features.json changes into its record,
+    and the ml-100k table names it; a run without the file has no such key and no note."""
+    import athwe_ml100k
+
+    cfg = resolve_config("sasrec", "ml-100k").to_dict()
+    plain, moved = _run(tmp_path, "a", cfg, True, 0), _run(tmp_path, "b", cfg, True, 0)
+    change = {"after_epoch": 40, "from": "b25266113242d06e", "to": "233460a793ba31e3"}
+    (moved / "features.json").write_text(json.dumps({"changes": [change]}))
+    assert "feature_changes" not in finished(plain) and finished(moved)["feature_changes"] == [change]
+    meta = {"dataset": "ml-100k", "command": "python x", "seeds": [1], "device": "cpu", "threads": 1,
+            "load_avg": [], "report_only": False}
+    test = {m: 0.1 for m in athwe_ml100k.METRICS}
+
+    def md(rec):
+        row = {**rec, "seed": 7, "test": test}
+        athwe_ml100k.write(str(tmp_path / "t"), meta, [{"variant": "ATHWE", "model": "athwe", "runs": [row]}],
+                           final=False)
+        return (tmp_path / "t.md").read_text()
+
+    assert "extracted again" not in md(finished(plain))
+    assert "Resumed on item features extracted again" in md(finished(moved))
+    assert "ATHWE seed 7 (after epoch 40)." in md(finished(moved))
+
+
 def test_ml100k_time_routing_ablation_follows_the_configured_routing(tmp_path, monkeypatch, capsys):
     """Where the dataset's ATHWE routes on content, the time-routing row switches time routing on
     (the configured model is row ATHWE), and asking for 'no time routing' says why it is not there."""

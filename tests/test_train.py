@@ -381,5 +381,7 @@ def test_cli_resume_with_negative_threads_is_a_one_line_error(tmp_path):
     res = _cli(["train", "--resume", str(tmp_path / "nowhere"), "--threads", "-1"], tmp_path)
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "num_threads must be >= 0" in res.stderr
+    res = _cli(["train", "--model", "sasrec", "--allow-new-features"], tmp_path)
+    assert res.exit_code == 2 and res.stderr.strip() == "error: --allow-new-features applies only with --resume RUN"
     res = _cli(["train", "--model", "sasrec", "--threads", "3", "--print-config"], tmp_path)
     assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["num_threads"] == 3

@@ -326,6 +326,9 @@ class ATHWE(SequentialRecommender):
 
         fingerprint = self._register_features(features, n_items)
         self.register_buffer("feature_fingerprint", _fingerprint_tensor(fingerprint))
+        #: fingerprints of other feature files whose checkpoints this model loads (the trainer fills
+        #: it from a run's features.json: a run resumed on re-extracted features)
+        self.accepted_feature_fingerprints: set[str] = set()
         self.register_load_state_dict_pre_hook(self._before_load)
 
         # 1. inputs
@@ -428,8 +431,10 @@ class ATHWE(SequentialRecommender):
         if saved is not None and not torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
             got = bytes(saved.cpu().tolist()).decode("utf-8", "replace") or "none"
             mine = bytes(self.feature_fingerprint.cpu().tolist()).decode("utf-8", "replace") or "none"
-            raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features are {mine} "
-                             f"(re-extracted since?)")
+            if got not in self.accepted_feature_fingerprints:
+                raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features are "
+                                 f"{mine} (extracted again since?)")
+            state_dict[prefix + "feature_fingerprint"] = self.feature_fingerprint.detach().clone()
         key = prefix + "time_scale_s"
         if key not in state_dict:
             state_dict[key] = self.time_scale_s.detach().clone()

@@ -407,11 +407,57 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
     return config_from_dict(saved, str(path))
 
 
+#: a run folder's record of the item features it went on with when resumed on re-extracted ones
+FEATURES_FILE = "features.json"
+
+
+def _saved_feature_fingerprint(state: Any) -> str | None:
+    """The item-feature fingerprint a model state dict was trained on (ATHWE's), None without one."""
+    t = state.get("feature_fingerprint") if isinstance(state, dict) else None
+    if not isinstance(t, torch.Tensor):
+        return None
+    return bytes(t.cpu().tolist()).decode("utf-8", "replace")
+
+
+def feature_changes(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The run's feature changes from its features.json, in order: [{"after_epoch", "from", "to"}];
+    empty when the run kept its features."""
+    path = Path(run_dir) / FEATURES_FILE
+    if not path.is_file():
+        return []
+    try:
+        changes = json.loads(path.read_text(encoding="utf-8")).get("changes")
+        if not isinstance(changes, list) or not all(
+                isinstance(c, dict) and isinstance(c.get("from"), str) and isinstance(c.get("to"), str)
+                and isinstance(c.get("after_epoch"), int) for c in changes):
+            raise ValueError("no list of {after_epoch, from, to} under changes")
+    except (OSError, ValueError, AttributeError) as e:
+        raise AthweError(f"{path}: unreadable record of feature changes ({brief(e)})") from None
+    return changes
+
+
+def accept_recorded_features(model: nn.Module, run_dir: str | Path) -> None:
+    """Let `model` load the run's checkpoints from before a recorded feature change: when the run's
+    features.json says it went on to the features the model holds now, every fingerprint of that
+    record is accepted (the model's own features stay in use)."""
+    accepted = getattr(model, "accepted_feature_fingerprints", None)
+    mine = _saved_feature_fingerprint({"feature_fingerprint": getattr(model, "feature_fingerprint", None)})
+    changes = feature_changes(run_dir)
+    if accepted is None or mine is None or mine not in {c["to"] for c in changes}:
+        return
+    accepted.update(fp for c in changes for fp in (c["from"], c["to"]))
+
+
 def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
-           stop_after: int | None = None, num_threads: int | None = None) -> dict[str, Any]:
+           stop_after: int | None = None, num_threads: int | None = None,
+           allow_new_features: bool = False) -> dict[str, Any]:
     """Continue an interrupted run from its last.pt; ends as the uninterrupted run would.
     `num_threads` (> 0) replaces the run's train.num_threads for the rest of it: a setting of the
-    machine, not of the model, kept out of config.yaml; each epoch's record says what it ran on."""
+    machine, not of the model, kept out of config.yaml; each epoch's record says what it ran on.
+    `allow_new_features` continues an ATHWE run on item features whose fingerprint differs from the
+    checkpoint's (extracted again, e.g. on another CPU, whose float embeddings differ in their last
+    bits); the change is recorded in the run's features.json, and without it such a resume is
+    refused. Whether the new features are the same in substance is the caller's to know."""
     if num_threads is not None and num_threads < 0:
         raise AthweError(f"num_threads must be >= 0 (0 = the run's own setting), got {num_threads}")
     run = Path(run_dir)
@@ -426,6 +472,22 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     data, split = load_data(cfg)
     trainer = Trainer(cfg, run, data, split, printer, progress)
     ckpt = load_checkpoint(last)
+    model = trainer.model
+    accept_recorded_features(model, run)
+    old = _saved_feature_fingerprint(ckpt.get("model") if isinstance(ckpt, dict) else None)
+    new = _saved_feature_fingerprint({"feature_fingerprint": getattr(model, "feature_fingerprint", None)})
+    if old is not None and new is not None and old != new and old not in model.accepted_feature_fingerprints:
+        if not allow_new_features:
+            raise AthweError(f"{last}: trained on item features {old}, but the features found now are {new} "
+                             f"(extracted again since?); if they come from the same extraction settings (another "
+                             f"CPU or thread count changes the last bits of the embeddings), `athwe train --resume "
+                             f"{run} --allow-new-features` continues on them; otherwise start a new run")
+        epoch = int(ckpt.get("epoch", 0))
+        changes = feature_changes(run) + [{"after_epoch": epoch, "from": old, "to": new}]
+        atomic_write_json(run / FEATURES_FILE, {"changes": changes})
+        model.accepted_feature_fingerprints.add(old)
+        printer(f"note: continuing on item features {new} after epoch {epoch} (the run trained on {old} so far); "
+                f"recorded in {run / FEATURES_FILE}")
     try:
         trainer.load_state(ckpt)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
@@ -468,6 +530,7 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
     features = load_model_features(cfg, data, progress=False)
     model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss,
                          features).to(device)
+    accept_recorded_features(model, run)
     load_weights(model, load_checkpoint(best, device), best)
     model.eval()
     return model, data, cfg
