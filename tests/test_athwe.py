@@ -478,3 +478,8 @@ def test_athwe_demo_and_reference_settings():
     ref = resolve_config("athwe", "Home_and_Kitchen")
     assert (ref.data.kcore, ref.train.batch_size, ref.train.epochs, ref.train.patience) == (5, 1024, 20, 30)
     assert ref.model_args["modalities"] == ["id", "text", "image"] and ref.model_args["moe_topk"] == 6
+    assert ref.model_args["time_routing"] is True and cfg.model_args["time_routing"] is True
+    # ml-100k routes on content with the auto time scale (chosen on validation NDCG@10)
+    ml = resolve_config("athwe", "ml-100k")
+    assert (ml.model_args["time_routing"], ml.model_args["time_scale"], ml.model_args["modalities"]) == (
+        False, "auto", ["id", "text"])
