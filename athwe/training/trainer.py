@@ -411,12 +411,14 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 FEATURES_FILE = "features.json"
 
 
+def _fingerprint_text(t: Any) -> str | None:
+    """An item-feature fingerprint buffer (ATHWE's `feature_fingerprint`) as text; None for none."""
+    return bytes(t.cpu().tolist()).decode("utf-8", "replace") if isinstance(t, torch.Tensor) else None
+
+
 def _saved_feature_fingerprint(state: Any) -> str | None:
     """The item-feature fingerprint a model state dict was trained on (ATHWE's), None without one."""
-    t = state.get("feature_fingerprint") if isinstance(state, dict) else None
-    if not isinstance(t, torch.Tensor):
-        return None
-    return bytes(t.cpu().tolist()).decode("utf-8", "replace")
+    return _fingerprint_text(state.get("feature_fingerprint") if isinstance(state, dict) else None)
 
 
 def feature_changes(run_dir: str | Path) -> list[dict[str, Any]]:
@@ -441,7 +443,7 @@ def accept_recorded_features(model: nn.Module, run_dir: str | Path) -> None:
     features.json says it went on to the features the model holds now, every fingerprint of that
     record is accepted (the model's own features stay in use)."""
     accepted = getattr(model, "accepted_feature_fingerprints", None)
-    mine = _saved_feature_fingerprint({"feature_fingerprint": getattr(model, "feature_fingerprint", None)})
+    mine = _fingerprint_text(getattr(model, "feature_fingerprint", None))
     changes = feature_changes(run_dir)
     if accepted is None or mine is None or mine not in {c["to"] for c in changes}:
         return
@@ -475,7 +477,7 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     model = trainer.model
     accept_recorded_features(model, run)
     old = _saved_feature_fingerprint(ckpt.get("model") if isinstance(ckpt, dict) else None)
-    new = _saved_feature_fingerprint({"feature_fingerprint": getattr(model, "feature_fingerprint", None)})
+    new = _fingerprint_text(getattr(model, "feature_fingerprint", None))
     if old is not None and new is not None and old != new and old not in model.accepted_feature_fingerprints:
         if not allow_new_features:
             raise AthweError(f"{last}: trained on item features {old}, but the features found now are {new} "
