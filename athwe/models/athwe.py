@@ -308,6 +308,11 @@ def _fingerprint_tensor(fp: str) -> torch.Tensor:
     return torch.tensor(list(fp.encode("utf-8")), dtype=torch.uint8)
 
 
+def fingerprint_text(t: torch.Tensor) -> str:
+    """A `feature_fingerprint` buffer as text ("" for a model without features)."""
+    return bytes(t.cpu().tolist()).decode("utf-8", "replace")
+
+
 @register_model("athwe", ATHWEConfig, "ATHWE: wavelet-aligned ID/text/image streams, time-routed experts (multimodal)",
                 needs_features=True)
 class ATHWE(SequentialRecommender):
@@ -429,8 +434,8 @@ class ATHWE(SequentialRecommender):
         saved before the scale was kept with the model gets the configured one)."""
         saved = state_dict.get(prefix + "feature_fingerprint")
         if saved is not None and not torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
-            got = bytes(saved.cpu().tolist()).decode("utf-8", "replace") or "none"
-            mine = bytes(self.feature_fingerprint.cpu().tolist()).decode("utf-8", "replace") or "none"
+            got = fingerprint_text(saved) or "none"
+            mine = fingerprint_text(self.feature_fingerprint) or "none"
             if got not in self.accepted_feature_fingerprints:
                 raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features are "
                                  f"{mine} (extracted again since?)")
@@ -452,7 +457,7 @@ class ATHWE(SequentialRecommender):
             return
         from athwe.models.clustering import cluster_labels
 
-        fp = bytes(self.feature_fingerprint.cpu().tolist()).decode("utf-8") or None
+        fp = fingerprint_text(self.feature_fingerprint) or None
         c = self.config
         for m in self.cluster_heads:
             if getattr(self, f"{m}_labels") is None:

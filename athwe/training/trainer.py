@@ -413,7 +413,9 @@ FEATURES_FILE = "features.json"
 
 def _fingerprint_text(t: Any) -> str | None:
     """An item-feature fingerprint buffer (ATHWE's `feature_fingerprint`) as text; None for none."""
-    return bytes(t.cpu().tolist()).decode("utf-8", "replace") if isinstance(t, torch.Tensor) else None
+    from athwe.models.athwe import fingerprint_text
+
+    return fingerprint_text(t) if isinstance(t, torch.Tensor) else None
 
 
 def _saved_feature_fingerprint(state: Any) -> str | None:
