@@ -31,7 +31,8 @@ from typing import Any, Callable
 
 import yaml
 
-from athwe.models import unused_model_keys
+from athwe.errors import ConfigError
+from athwe.models import resolved_model_args, unused_model_keys
 from athwe.training.trainer import feature_changes
 from athwe.utils import atomic_write_json, hash_file
 
@@ -52,14 +53,19 @@ FINGERPRINT_SCHEME = 4
 
 
 def result_key(cfg: dict[str, Any]) -> dict[str, Any]:
-    """What of a run's config can change its result: the config less IGNORED and less the model
-    settings that have no effect given the others (`unused_model_keys`: ATHWE's expert settings
-    with its mixture of experts off), with ADDED's defaults filled in."""
+    """What of a run's config can change its result: the config with every model setting resolved
+    (`resolved_model_args`), less IGNORED and less the model settings that have no effect given the
+    others (`unused_model_keys`: ATHWE's expert settings with its mixture of experts off), with
+    ADDED's defaults filled in."""
     key = copy.deepcopy(cfg)
     for section, name in IGNORED:
         key.get(section, {}).pop(name, None)
     args = key.get("model_args")
     if isinstance(args, dict) and isinstance(key.get("model"), str):
+        try:  # defaults filled in: configs saved before run folders recorded them compare equal
+            args = key["model_args"] = resolved_model_args(key["model"], args)
+        except ConfigError:  # a setting this version no longer knows: compared as written
+            pass
         for name in unused_model_keys(key["model"], args):
             args.pop(name)
     for section, name, value in ADDED:

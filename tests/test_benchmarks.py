@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import shutil
 import subprocess
 import sys
 import textwrap
@@ -18,6 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 from run_cache import find_run, finished, save_record  # noqa: E402
 
 from athwe.config import resolve_config  # noqa: E402
+from athwe.models import resolved_model_args  # noqa: E402
 
 
 def _run(root: Path, name: str, cfg: dict, done: bool, age: int) -> Path:
@@ -50,6 +52,31 @@ def test_find_run_matches_config_up_to_threads_device_and_paths(tmp_path):
     assert finished(unfinished) is None
     done = _run(tmp_path, "b", same, True, 5)  # finished beats newer-but-unfinished
     assert find_run(cfg, tmp_path) == done
+
+
+def test_saved_model_defaults_match_and_a_changed_default_does_not(tmp_path):
+    """A run folder's config.yaml holds every model setting (defaults too); one written before it
+    did (only the settings the YAML named) matches a request under today's defaults, and one whose
+    recorded setting differs from today's default does not."""
+    cfg = resolve_config("fearec", "LastFM", overrides=["train.seed=1", "model_args.variant=bsarec"]).to_dict()
+    assert "topk_factor" not in cfg["model_args"] or cfg["model_args"]["topk_factor"] is None
+    old = _run(tmp_path, "old", cfg, True, 0)
+    assert find_run(cfg, tmp_path) == old
+    full = copy.deepcopy(cfg)
+    full["model_args"] = resolved_model_args("fearec", cfg["model_args"])
+    assert full["model_args"]["topk_factor"] == 10 and full["model_args"]["padding"] == "left"
+    new = _run(tmp_path, "new", full, True, 5)
+    assert find_run(cfg, tmp_path) == new  # both match; the newer wins
+    changed = copy.deepcopy(full)
+    changed["model_args"]["topk_factor"] = 5  # what a run trained under another default recorded
+    for run in (old, new):
+        shutil.rmtree(run)
+    _run(tmp_path, "changed", changed, True, 0)
+    assert find_run(cfg, tmp_path) is None
+    gone = copy.deepcopy(cfg)
+    gone["model_args"]["retired_setting"] = 1  # a setting this version does not know
+    _run(tmp_path, "gone", gone, True, 0)
+    assert find_run(cfg, tmp_path) is None
 
 
 def test_runs_recorded_before_train_precision_existed_match_as_fp32(tmp_path):

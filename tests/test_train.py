@@ -1,6 +1,7 @@
 """Trainer: run folder contents, checkpoints, exact resume, config precedence, CLI errors."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import platform
@@ -16,6 +17,7 @@ from typer.testing import CliRunner
 from athwe.cli import app
 from athwe.config import resolve_config
 from athwe.errors import ConfigError
+from athwe.models import get_entry
 from athwe.training import trainer as tr
 from conftest import SHARED_DATA, TINY_MODEL, train_dies_in_epoch
 
@@ -49,6 +51,8 @@ def test_run_folder_contents_and_weights_only_checkpoints(tiny_data_dir, tmp_pat
     assert saved["test"] == res["test"] and 0.0 <= res["test"]["NDCG@10"] <= 1.0
     cfg = yaml.safe_load((run / "config.yaml").read_text())
     assert cfg["model_args"]["hidden_size"] == 16 and cfg["train"]["epochs"] == 3
+    # every model setting is written, the ones the config left at their defaults too
+    assert set(cfg["model_args"]) == {f.name for f in dataclasses.fields(get_entry("sasrec").config_cls)}
 
 
 def test_training_learns_the_tiny_pattern(tiny_data_dir, tmp_path):

@@ -208,6 +208,14 @@ def build_model_config(name: str, values: dict[str, Any] | None = None) -> Any:
     return cls(**values)
 
 
+def resolved_model_args(name: str, values: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Every setting of model `name` given `values`: the config dataclass's defaults filled in and
+    variant-dependent settings resolved (FEARec's topk_factor under ``variant: bsarec``). A run's
+    config.yaml holds these, so a default changed in a later release does not change what an
+    existing run means when it is resumed, evaluated or matched."""
+    return dataclasses.asdict(build_model_config(name, values))
+
+
 def create_model(name: str, n_items: int, max_seq_length: int, model_config: Any = None,
                  loss_type: str = "ce", features: Any = None) -> SequentialRecommender:
     """The one factory entry point: a model by registry name. `features` (a feature-store

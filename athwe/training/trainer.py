@@ -1,6 +1,6 @@
 """The trainer: Adam, CE or BCE, early stopping, best-checkpoint test, exact resume.
 
-A run folder ``runs/<id>/`` holds config.yaml (resolved), item_map.json, metrics.jsonl (one line per
+A run folder ``runs/<id>/`` holds config.yaml (resolved: every model setting, defaults included), item_map.json, metrics.jsonl (one line per
 epoch), last.pt and best.pt (plain state dicts; ``torch.load(weights_only=True)`` works),
 results.json and curves.png.
 """
@@ -27,7 +27,7 @@ from athwe.dataset.sequences import SequenceData, load_sequences
 from athwe.dataset.split import Batch, SampleSet, Split, build_split
 from athwe.errors import AthweError, ConfigError, DataError, brief
 from athwe.evaluation.metrics import evaluate
-from athwe.models import create_model
+from athwe.models import create_model, resolved_model_args
 from athwe.models.base import SequentialRecommender
 from athwe.utils import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, keep_freed_memory,
                          read_json, resolve_device, seed_everything)
@@ -362,7 +362,9 @@ def write_curves(run_dir: Path) -> None:
 
 
 def save_run_files(run_dir: Path, cfg: RunConfig, data: SequenceData) -> None:
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+    saved = cfg.to_dict()
+    saved["model_args"] = resolved_model_args(cfg.model, cfg.model_args)
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
     atomic_write_json(run_dir / "item_map.json", data.item_map())
 
 
