@@ -9,6 +9,7 @@ import platform
 import random
 import sys
 import tempfile
+import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Protocol
@@ -87,6 +88,47 @@ def keep_freed_memory() -> bool:
     except (OSError, AttributeError):
         pass
     return _malloc_tuned
+
+
+def _cpu_jiffies() -> tuple[int, int] | None:
+    """(busy, total) clock ticks of all CPUs since boot from /proc/stat; None where it is missing."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    if len(fields) < 5:
+        return None
+    total = sum(fields[:8])  # user nice system idle iowait irq softirq steal (guest time is inside user)
+    return total - fields[3] - fields[4], total
+
+
+def busy_cpus_elsewhere(window: float = 0.1) -> float | None:
+    """How many CPUs other processes keep busy, measured over `window` seconds while this one
+    sleeps (Linux /proc/stat, less this process's own CPU time); None where it cannot be measured."""
+    start, own = _cpu_jiffies(), time.process_time()
+    if start is None:
+        return None
+    time.sleep(window)
+    end, own_s = _cpu_jiffies(), time.process_time() - own
+    if end is None or end[1] <= start[1]:
+        return None
+    n = os.cpu_count() or 1
+    busy = (end[0] - start[0]) / (end[1] - start[1]) * n
+    return max(0.0, busy - own_s / window)
+
+
+def oversubscription_note(threads: int, busy: float | None, cores: int | None) -> str | None:
+    """A warning when `threads` torch threads would share the CPU's `cores` with `busy` CPUs'
+    worth of other work: torch's threads wait for each other at every operation, so one of them
+    held up by another process holds up all. None when they fit or nothing was measured."""
+    if busy is None or not cores or busy < 0.75 or threads + busy <= cores + 0.5:
+        return None
+    free = int(cores - busy + 0.5)
+    advice = (f"--threads {free} (train.num_threads) fits beside them" if free >= 1
+              else "no CPU is free: expect it to be slow, or start it when they are done")
+    return (f"other processes keep about {busy:.1f} of this machine's {cores} CPUs busy, and {threads} more "
+            f"training thread(s) oversubscribe it, which can slow training several-fold; {advice}")
 
 
 def seed_everything(seed: int) -> None:

@@ -13,6 +13,8 @@ SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("ATHWE_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
+    # the trainer's CPU-contention note depends on what else the machine runs: off unless a test asks
+    monkeypatch.setattr("athwe.training.trainer.busy_cpus_elsewhere", lambda window=0.1: None)
 
 
 def write_tiny_dataset(root: Path, name: str = "tiny", n_users: int = 80, n_items: int = 50, seed: int = 0) -> Path:

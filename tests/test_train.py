@@ -7,6 +7,7 @@ import os
 import platform
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from athwe.config import resolve_config
 from athwe.errors import ConfigError
 from athwe.models import get_entry
 from athwe.training import trainer as tr
+from athwe.utils import oversubscription_note
 from conftest import SHARED_DATA, TINY_MODEL, train_dies_in_epoch
 
 
@@ -389,3 +391,40 @@ def test_cli_resume_with_negative_threads_is_a_one_line_error(tmp_path):
     assert res.exit_code == 2 and res.stderr.strip() == "error: --allow-new-features applies only with --resume RUN"
     res = _cli(["train", "--model", "sasrec", "--threads", "3", "--print-config"], tmp_path)
     assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["num_threads"] == 3
+
+
+def test_oversubscription_note_wording_and_thresholds():
+    assert oversubscription_note(1, None, 2) is None  # nothing measured
+    assert oversubscription_note(2, 0.3, 2) is None  # background noise
+    assert oversubscription_note(1, 1.0, 2) is None  # fits beside the other run
+    note = oversubscription_note(2, 1.0, 2)
+    assert note.startswith("other processes keep about 1.0 of this machine's 2 CPUs busy")
+    assert "--threads 1 (train.num_threads) fits beside them" in note
+    assert "no CPU is free" in oversubscription_note(1, 2.0, 2)
+
+
+def test_busy_cpus_elsewhere_sees_a_busy_process():
+    if not Path("/proc/stat").is_file():
+        pytest.skip("no /proc/stat here")
+    from athwe.utils import busy_cpus_elsewhere
+    spin = subprocess.Popen([sys.executable, "-c", "import time\nt = time.time()\nwhile time.time() - t < 5: pass"])
+    try:
+        time.sleep(0.3)
+        busy = busy_cpus_elsewhere(window=0.5)
+    finally:
+        spin.kill()
+        spin.wait()
+    assert busy is not None and 0.7 <= busy <= (os.cpu_count() or 1) + 0.1
+
+
+def test_trainer_notes_a_busy_cpu(tiny_data_dir, tmp_path, monkeypatch):
+    heard: list[str] = []
+    before = torch.get_num_threads()
+    monkeypatch.setattr(tr, "busy_cpus_elsewhere", lambda window=0.1: 1.0)
+    monkeypatch.setattr(tr.os, "cpu_count", lambda: 2)
+    try:
+        tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=1, num_threads=2), printer=heard.append,
+                 progress=False)
+    finally:
+        torch.set_num_threads(before)
+    assert [s for s in heard if s.startswith("note: other processes keep about 1.0")], heard

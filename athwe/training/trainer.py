@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import shutil
 import time
@@ -29,8 +30,8 @@ from athwe.errors import AthweError, ConfigError, DataError, brief
 from athwe.evaluation.metrics import evaluate
 from athwe.models import create_model, resolved_model_args
 from athwe.models.base import SequentialRecommender
-from athwe.utils import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, keep_freed_memory,
-                         read_json, resolve_device, seed_everything)
+from athwe.utils import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, busy_cpus_elsewhere,
+                         keep_freed_memory, oversubscription_note, read_json, resolve_device, seed_everything)
 
 Printer = Callable[[str], None]
 
@@ -183,6 +184,10 @@ class Trainer:
         self.device = resolve_device(cfg.train.device)
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
+        if self.device.type == "cpu":
+            note = oversubscription_note(torch.get_num_threads(), busy_cpus_elsewhere(), os.cpu_count())
+            if note:
+                printer(f"note: {note}")
         if cfg.train.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"train.precision bf16: {torch.cuda.get_device_name(self.device)} has no bfloat16 support; "
                               "use train.precision fp32")
