@@ -56,7 +56,7 @@ def train(
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where run folders are created. Default: ./runs."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run folder to create (default: runs/<model>-<dataset>-<time>)."),
     resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder from its last checkpoint."),
-    allow_new_features: bool = typer.Option(False, "--allow-new-features", help="With --resume: continue an ATHWE run on item features extracted again with the same settings (e.g. on another CPU, where the embeddings differ in their last bits); recorded in the run's features.json."),
+    allow_new_features: bool = typer.Option(False, "--allow-new-features", help="With --resume: continue an ATHWE run on item features whose fingerprint differs from the checkpoint's, also where the checkpoint's feature sketch cannot show that they agree (checkpoints saved before sketches were kept); for features extracted again with the same settings. Recorded in the run's features.json."),
     dry_run: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Train a model and report full-ranking test metrics. With no arguments: the bundled demo."""

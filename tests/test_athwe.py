@@ -17,7 +17,7 @@ from athwe.dataset.sequences import load_sequences
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models import create_model, unused_model_keys
-from athwe.models.athwe import ATHWE, WaveletAlign, tcl_mask, time_buckets
+from athwe.models.athwe import SKETCH_DIRECTIONS, ATHWE, WaveletAlign, fingerprint_text, tcl_mask, time_buckets
 from athwe.training import trainer as tr
 from conftest import random_features, write_random_features, write_tiny_dataset
 
@@ -122,6 +122,49 @@ def test_save_load_round_trip_and_feature_fingerprint():
     other = random_features(N_ITEMS, seed=9)  # same shapes, other features
     with pytest.raises(AthweError, match="features"):
         make(features=other).load_state_dict(state)
+
+
+def _refeatured(change, fingerprint: str = "test-again"):
+    """random_features(N_ITEMS) under a new fingerprint, with `change(features)` applied."""
+    feats = dataclasses.replace(random_features(N_ITEMS), fingerprint=fingerprint)
+    feats.text, feats.image, feats.cat = feats.text.clone(), feats.image.clone(), feats.cat.clone()
+    feats.text_mask, feats.image_mask = feats.text_mask.clone(), feats.image_mask.clone()
+    change(feats)
+    return feats
+
+
+def test_features_extracted_again_load_by_their_sketch_and_changed_ones_do_not():
+    """A checkpoint keeps a sketch of its features' values: features under another fingerprint whose
+    values agree to within the tolerance (another CPU's last bits) load, with a warning; a changed
+    item row, a changed mask or category, or a checkpoint without a sketch are refused."""
+    state = make().state_dict()
+    assert state["feature_sketch"].shape == (N_ITEMS + 1, 3 * (SKETCH_DIRECTIONS + 1))
+
+    def last_bits(f):
+        f.text[1::3, ::2] = torch.nextafter(f.text[1::3, ::2], torch.tensor(math.inf))
+        f.image += 1e-6 * f.image_mask.unsqueeze(1)
+    again = make(features=_refeatured(last_bits))
+    assert again.same_features_as(state)
+    with pytest.warns(UserWarning, match="agree with them to within 0.0001 on every item"):
+        again.load_state_dict(dict(state))
+    assert fingerprint_text(again.feature_fingerprint) == "test-again"  # the model keeps its own features
+
+    def one_row(f):
+        f.text[5] += 0.01
+    def one_mask(f):
+        f.image_mask[4] = False
+        f.image[4] = 0.0
+    def one_category(f):
+        f.cat[6, (6 + 1) % f.cat.shape[1]] = 1.0 - f.cat[6, (6 + 1) % f.cat.shape[1]]
+    for change in (one_row, one_mask, one_category):
+        model = make(features=_refeatured(change))
+        assert not model.same_features_as(state), change.__name__
+        with pytest.raises(AthweError, match="extracted again since"):
+            model.load_state_dict(dict(state))
+    old = {k: v for k, v in state.items() if k != "feature_sketch"}  # saved before sketches were kept
+    with pytest.raises(AthweError, match="extracted again since"):
+        make(features=_refeatured(last_bits)).load_state_dict(dict(old))
+    make().load_state_dict(dict(old))  # on its own features it loads as before
 
 
 # -- contract ----------------------------------------------------------------------------------
@@ -414,7 +457,7 @@ def test_cpu_training_run_and_reload(tmp_path):
 
 
 def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
-    """Features extracted again (here: the text table moved by one float step in some entries, as
+    """Checkpoints without a feature sketch (saved before sketches were kept), features extracted again (here: the text table moved by one float step in some entries, as
     another CPU gives) change the fingerprint: resuming onto them is refused with a one-line hint,
     goes on with allow_new_features (recorded in features.json), the checkpoints from before the
     change still load for the final and later evaluations, and a third feature set is refused."""
@@ -432,6 +475,11 @@ def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
     undo()
+    for name in ("best.pt", "last.pt"):  # checkpoints saved before feature sketches were kept
+        ckpt = torch.load(tmp_path / "run" / name, weights_only=True)
+        state = ckpt["model"] if name == "last.pt" else ckpt
+        del state["feature_sketch"]
+        torch.save(ckpt, tmp_path / "run" / name)
     early = torch.load(tmp_path / "run" / "best.pt", weights_only=True)  # epoch 1's, on the first features
     text = torch.load(folder / TEXT_FILE)
     bumped = text.clone()
@@ -460,6 +508,38 @@ def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
     with pytest.raises(AthweError, match="features.json: unreadable"):
         tr.evaluate_run(tmp_path / "run")
     assert features_dir(data / "tiny") == folder
+
+
+def test_resume_on_features_that_match_the_sketch_needs_no_flag(tmp_path, monkeypatch):
+    """A run whose checkpoints keep a feature sketch resumes on features extracted again (last bits
+    moved) without --allow-new-features, records the change and says why; features with one item's
+    text changed are still refused."""
+    from conftest import train_dies_in_epoch
+    from athwe.feature_extraction.store import TEXT_FILE
+
+    data = write_tiny_dataset(tmp_path / "data")
+    flags = {"data.data_dir": str(data), "data.max_seq_length": 8, "train.epochs": 2, "train.batch_size": 64,
+             "train.runs_dir": str(tmp_path / "runs"), "train.device": "cpu"}
+    overrides = [f"model_args.{k}={json.dumps(v)}" for k, v in SMALL.items()]
+    cfg = resolve_config("athwe", "tiny", overrides=overrides, flags=flags)
+    tokens = load_sequences(data, "tiny", kcore=cfg.data.kcore).item_tokens
+    folder = write_random_features(data / "tiny", tokens)
+    undo = train_dies_in_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
+    undo()
+    text = torch.load(folder / TEXT_FILE)
+    changed = text.clone()
+    changed[3] += 0.01
+    torch.save(changed, folder / TEXT_FILE)
+    with pytest.raises(AthweError, match="--allow-new-features"):
+        tr.resume(tmp_path / "run", printer=lambda s: None, progress=False)
+    torch.save(torch.nextafter(text, torch.tensor(math.inf)) * (text != 0), folder / TEXT_FILE)
+    heard: list[str] = []
+    results = tr.resume(tmp_path / "run", printer=heard.append, progress=False)
+    assert results["epochs_run"] == 2
+    assert [c["after_epoch"] for c in tr.feature_changes(tmp_path / "run")] == [1]
+    assert any("agree with the checkpoint's to within 0.0001 on every item" in line for line in heard), heard
 
 
 def test_training_after_a_first_call_in_inference_mode():

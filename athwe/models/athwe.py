@@ -25,7 +25,9 @@ placeholder), and the expert diversity loss; each weighted by the config.
 Items without a feature (mask False) use a learned "missing" vector in place of their projected
 feature and are never cluster targets; items with no category are not CP targets, and without
 category features at all the CP term is off. The feature tables are buffers that are not saved;
-the checkpoint records their fingerprint and refuses to load onto other features. Fixes of the
+the checkpoint records their fingerprint and a sketch of their values, and refuses to load onto
+other features (features extracted again, whose values agree with the sketch to within
+SKETCH_TOLERANCE, load with a warning). Fixes of the
 reference (specs/athwe.md): experts are registered, CP/cluster losses use a flattened mask, TCL
 masks floor(len * beta) positions, no hard-coded device, K-medoids memory-bounded and cached.
 """
@@ -304,6 +306,39 @@ class _Forward:
     diversity: torch.Tensor | None
 
 
+#: a checkpoint's feature sketch: per feature table, each item row's projections on this many fixed
+#: random unit directions, and whether the item has the feature
+SKETCH_DIRECTIONS = 3
+#: sketches that agree to within this (absolute, plus the same relative) on every entry are the
+#: same features: re-extraction on another CPU or thread count moves an embedding row by ~1e-6 at
+#: most (MiniLM on ml-100k: entries differ by at most 2.7e-7), a changed item text by ~1e-1
+SKETCH_TOLERANCE = 1e-4
+
+
+def feature_sketch(tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+    """(rows, tables * (SKETCH_DIRECTIONS + 1)) float32 summary of (feature table, has-feature mask)
+    pairs: row i's projections on fixed random unit directions (seeded by the table's width) and its
+    mask. Unlike the fingerprint it can be compared within a tolerance; (0, 0) for no tables."""
+    cols: list[torch.Tensor] = []
+    for table, has in tables:
+        g = torch.Generator().manual_seed(int(table.shape[1]))
+        w = torch.randn(table.shape[1], SKETCH_DIRECTIONS, generator=g, dtype=torch.float64)
+        w = w / w.norm(dim=0, keepdim=True)
+        cols.append((table.detach().cpu().double() @ w).float())
+        cols.append(has.detach().cpu().float().unsqueeze(1))
+    return torch.cat(cols, 1) if cols else torch.zeros(0, 0)
+
+
+def sketch_difference(saved: Any, mine: torch.Tensor) -> float | None:
+    """The largest difference between a saved and a current feature sketch, scaled by the tolerance's
+    relative part (<= SKETCH_TOLERANCE: the same features); None when they cannot be compared
+    (no saved sketch, other shapes, or no features)."""
+    if not isinstance(saved, torch.Tensor) or saved.shape != mine.shape or mine.numel() == 0:
+        return None
+    a, b = saved.detach().cpu().double(), mine.detach().cpu().double()
+    return float(((a - b).abs() / (1.0 + b.abs())).max())
+
+
 def _fingerprint_tensor(fp: str) -> torch.Tensor:
     return torch.tensor(list(fp.encode("utf-8")), dtype=torch.uint8)
 
@@ -331,6 +366,9 @@ class ATHWE(SequentialRecommender):
 
         fingerprint = self._register_features(features, n_items)
         self.register_buffer("feature_fingerprint", _fingerprint_tensor(fingerprint))
+        #: lets a checkpoint load onto features extracted again, whose fingerprint differs while their
+        #: values agree to within SKETCH_TOLERANCE (checkpoints from before it existed lack it)
+        self.register_buffer("feature_sketch", feature_sketch(self._feature_tables()))
         #: fingerprints of other feature files whose checkpoints this model loads (the trainer fills
         #: it from a run's features.json: a run resumed on re-extracted features)
         self.accepted_feature_fingerprints: set[str] = set()
@@ -429,17 +467,40 @@ class ATHWE(SequentialRecommender):
             parts.append(content_fingerprint(cat, None))
         return "-".join(parts)
 
+    def _feature_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """The (table, has-feature mask) pairs the model reads, in a fixed order."""
+        tables = [(getattr(self, f"{m}_raw"), getattr(self, f"{m}_has"))
+                  for m in self.modalities if m in FEATURE_MODALITIES]
+        if self.cat is not None:
+            tables.append((self.cat, self.cat_has))
+        return tables
+
+    def same_features_as(self, state_dict: dict[str, Any], prefix: str = "") -> bool:
+        """Whether a state dict's features are this model's: the same fingerprint, or (features
+        extracted again) a feature sketch within SKETCH_TOLERANCE of this model's."""
+        saved = state_dict.get(prefix + "feature_fingerprint")
+        if saved is None or torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
+            return True
+        diff = sketch_difference(state_dict.get(prefix + "feature_sketch"), self.feature_sketch)
+        return diff is not None and diff <= SKETCH_TOLERANCE
+
     def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Refuse a checkpoint trained on other features; take its resolved time scale (a checkpoint
-        saved before the scale was kept with the model gets the configured one)."""
+        """Refuse a checkpoint trained on other features (features extracted again whose values
+        agree with the checkpoint's sketch load, with a warning); take its resolved time scale (a
+        checkpoint saved before the scale was kept with the model gets the configured one)."""
         saved = state_dict.get(prefix + "feature_fingerprint")
         if saved is not None and not torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
             got = fingerprint_text(saved) or "none"
             mine = fingerprint_text(self.feature_fingerprint) or "none"
             if got not in self.accepted_feature_fingerprints:
-                raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features are "
-                                 f"{mine} (extracted again since?)")
+                if not self.same_features_as(state_dict, prefix):
+                    raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features "
+                                     f"are {mine} (extracted again since?)")
+                warnings.warn(f"athwe: the checkpoint was trained on features {got}; the loaded features {mine} "
+                              f"agree with them to within {SKETCH_TOLERANCE:g} on every item (extracted again, "
+                              f"e.g. on another CPU), so it loads", stacklevel=2)
             state_dict[prefix + "feature_fingerprint"] = self.feature_fingerprint.detach().clone()
+        state_dict[prefix + "feature_sketch"] = self.feature_sketch.detach().clone()
         key = prefix + "time_scale_s"
         if key not in state_dict:
             state_dict[key] = self.time_scale_s.detach().clone()

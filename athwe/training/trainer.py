@@ -467,8 +467,10 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     machine, not of the model, kept out of config.yaml; each epoch's record says what it ran on.
     `allow_new_features` continues an ATHWE run on item features whose fingerprint differs from the
     checkpoint's (extracted again, e.g. on another CPU, whose float embeddings differ in their last
-    bits); the change is recorded in the run's features.json, and without it such a resume is
-    refused. Whether the new features are the same in substance is the caller's to know."""
+    bits). Such features continue the run without it when the checkpoint's feature sketch shows that
+    they agree with the ones it trained on to within SKETCH_TOLERANCE on every item; checkpoints
+    saved before sketches were kept need the flag, and then whether the new features are the same in
+    substance is the caller's to know. Either way the change is recorded in the run's features.json."""
     if num_threads is not None and num_threads < 0:
         raise AthweError(f"num_threads must be >= 0 (0 = the run's own setting), got {num_threads}")
     run = Path(run_dir)
@@ -488,7 +490,10 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     old = _saved_feature_fingerprint(ckpt.get("model") if isinstance(ckpt, dict) else None)
     new = _fingerprint_text(getattr(model, "feature_fingerprint", None))
     if old is not None and new is not None and old != new and old not in model.accepted_feature_fingerprints:
-        if not allow_new_features:
+        from athwe.models.athwe import SKETCH_TOLERANCE
+
+        same = model.same_features_as(ckpt["model"])
+        if not allow_new_features and not same:
             raise AthweError(f"{last}: trained on item features {old}, but the features found now are {new} "
                              f"(extracted again since?); if they come from the same extraction settings (another "
                              f"CPU or thread count changes the last bits of the embeddings), `athwe train --resume "
@@ -497,8 +502,10 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
         changes = feature_changes(run) + [{"after_epoch": epoch, "from": old, "to": new}]
         atomic_write_json(run / FEATURES_FILE, {"changes": changes})
         model.accepted_feature_fingerprints.add(old)
-        printer(f"note: continuing on item features {new} after epoch {epoch} (the run trained on {old} so far); "
-                f"recorded in {run / FEATURES_FILE}")
+        why = (f"they agree with the checkpoint's to within {SKETCH_TOLERANCE:g} on every item" if same
+               else "--allow-new-features")
+        printer(f"note: continuing on item features {new} after epoch {epoch} (the run trained on {old} so far; "
+                f"{why}); recorded in {run / FEATURES_FILE}")
     try:
         trainer.load_state(ckpt)
     except (KeyError, TypeError, RuntimeError, ValueError) as e:
