@@ -75,17 +75,23 @@ def _batches(samples: SampleSet, batch_size: int, trim: bool):
 @torch.inference_mode()
 def evaluate(score_fn: Callable, samples: SampleSet, history: str = "none", batch_size: int = 1024,
              device: torch.device | str = "cpu", ks: tuple[int, ...] = KS,
-             trim: bool = False) -> tuple[dict[str, float], torch.Tensor]:
+             trim: bool = False, shard: tuple[int, int] | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Rank every item for every row of `samples`. `score_fn(batch)` returns (B, n_items+1) scores.
     Returns (metrics, ranks). Results do not depend on batch_size (ranks are per row).
+    `shard` (i, n) ranks only the rows r with r mod n == i and leaves the other ranks 0 (the
+    metrics then cover a part: sum the ranks of all n shards and call `metrics_from_ranks`).
 
     With `trim` (for models whose output ignores padded positions exactly, e.g. masked attention),
     each row is encoded without its leading padding columns, so short histories cost little;
     models take position ids right-aligned to N."""
     if history not in HISTORY_MODES:
         raise ValueError(f"unknown history mode {history!r} (one of {', '.join(HISTORY_MODES)})")
-    ranks = torch.empty(len(samples), dtype=torch.long)
+    ranks = torch.empty(len(samples), dtype=torch.long) if shard is None else torch.zeros(len(samples), dtype=torch.long)
     for rows, width in _batches(samples, batch_size, trim):
+        if shard is not None:
+            rows = rows[rows % shard[1] == shard[0]]
+            if not len(rows):
+                continue
         batch = samples.batch(rows)
         if width < batch.input_ids.shape[1]:
             batch.input_ids, batch.timestamps = batch.input_ids[:, -width:], batch.timestamps[:, -width:]

@@ -27,9 +27,10 @@ from athwe.config import RunConfig, config_from_dict, history_mode, load_yaml, v
 from athwe.dataset.sequences import SequenceData, load_sequences
 from athwe.dataset.split import Batch, SampleSet, Split, build_split
 from athwe.errors import AthweError, ConfigError, DataError, brief
-from athwe.evaluation.metrics import evaluate
+from athwe.evaluation.metrics import KS, evaluate, metrics_from_ranks
 from athwe.models import create_model, resolved_model_args
 from athwe.models.base import SequentialRecommender
+from athwe.training import distributed
 from athwe.utils import (atomic_path, atomic_torch_save, atomic_write_json, atomic_write_text, busy_cpus_elsewhere,
                          keep_freed_memory, oversubscription_note, read_json, resolve_device, seed_everything)
 
@@ -116,6 +117,15 @@ def sample_negatives(batch: Batch, n_items: int, rounds: int = 20) -> torch.Tens
     return neg
 
 
+def _quiet(line: str) -> None:
+    """The printer of a process other than rank 0 under torchrun."""
+
+
+def _rank_seed(seed: int, rank: int, epoch: int = 0) -> int:
+    """The seed of process `rank` > 0 under torchrun (rank 0 keeps the run's seed)."""
+    return (seed * 1_000_003 + rank * 7_919 + epoch * 104_729) % 2**63
+
+
 def _rng_state() -> dict[str, Any]:
     np_state = np.random.get_state()
     return {
@@ -179,9 +189,10 @@ class Trainer:
     def __init__(self, cfg: RunConfig, run_dir: Path, data: SequenceData, split: Split,
                  printer: Printer = print, progress: bool = True):
         self.cfg, self.run_dir, self.data, self.split = cfg, run_dir, data, split
-        self.print = printer
-        self.progress = progress
-        self.device = resolve_device(cfg.train.device)
+        # under torchrun: this process's rank and device (cuda:LOCAL_RANK); rank 0 alone prints and writes
+        self.world, self.device = distributed.setup(resolve_device(cfg.train.device))
+        self.print = printer if self.world.main else _quiet
+        self.progress = progress and self.world.main
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         if self.device.type == "cpu":
@@ -201,6 +212,8 @@ class Trainer:
         for note in self.model.training_notes(split.train):
             printer(f"note: {note}")
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay)
+        if self.world.rank > 0:  # the same initial weights everywhere; each process its own dropout draws
+            seed_everything(_rank_seed(cfg.train.seed, self.world.rank))
         self.history = history_mode(cfg)
         self.epoch = 0
         self.best_metric = -math.inf
@@ -223,6 +236,7 @@ class Trainer:
             "train_samples": self.train_samples,
             "rng": _rng_state(),
             "item_fingerprint": self.data.item_fingerprint,
+            **({"rng_ranks": distributed.gather(_rng_state())} if self.world.active else {}),
         }
 
     def load_state(self, ckpt: dict[str, Any]) -> None:
@@ -233,7 +247,18 @@ class Trainer:
         self.optimizer.load_state_dict(ckpt["optimizer"])
         for k in ("epoch", "best_metric", "best_epoch", "bad_epochs", "train_seconds", "train_samples"):
             setattr(self, k, ckpt[k])
-        _set_rng_state(ckpt["rng"])
+        ranks = ckpt.get("rng_ranks")
+        if self.world.active and isinstance(ranks, list) and len(ranks) == self.world.size:
+            _set_rng_state(ranks[self.world.rank])
+        else:  # one process, or another number of them than the run had: rank 0 goes on from the record
+            _set_rng_state(ckpt["rng"])
+            if self.world.active:
+                before = len(ranks) if isinstance(ranks, list) else 1
+                self.print(f"note: the run trained on {before} process(es) so far and goes on with {self.world.size}: "
+                           f"processes other than rank 0 draw new random states, so it will not repeat a run "
+                           f"kept on {before}")
+                if self.world.rank > 0:
+                    seed_everything(_rank_seed(self.cfg.train.seed, self.world.rank, self.epoch))
 
     # -- loop --------------------------------------------------------------------------------
     def train_epoch(self) -> float:
@@ -245,16 +270,28 @@ class Trainer:
         total, steps = 0.0, 0
         bar = tqdm(range(0, len(train), bs), desc=f"epoch {self.epoch + 1}", leave=False,
                    disable=not self.progress or None, unit="batch")
+        world = self.world
         for start in bar:
-            batch = train.batch(perm[start:start + bs])
-            if self.cfg.train.loss == "bce":
-                batch.neg = sample_negatives(batch, self.data.n_items)
-            with self.autocast():
-                loss = self.model.loss(batch.to(self.device))
+            rows = perm[start:start + bs]
+            share = 1.0
+            if world.active:  # this process's part of the batch, weighted by its size
+                share = len(rows[world.rank::world.size]) / len(rows)
+                rows = rows[world.rank::world.size]
             self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
+            value = 0.0
+            if len(rows):
+                batch = train.batch(rows)
+                if self.cfg.train.loss == "bce":
+                    batch.neg = sample_negatives(batch, self.data.n_items)
+                with self.autocast():
+                    loss = self.model.loss(batch.to(self.device))
+                loss.backward()
+                value = loss.item()
+            if world.active:
+                distributed.average_gradients(self.model.parameters(), share)
+                value = float(distributed.all_sum(torch.tensor([value * share], dtype=torch.float64))[0])
             self.optimizer.step()
-            total += loss.item()
+            total += value
             steps += 1
             if steps % 20 == 0:
                 bar.set_postfix(loss=f"{total / steps:.4f}")
@@ -262,9 +299,12 @@ class Trainer:
 
     def evaluate(self, samples: SampleSet) -> dict[str, float]:
         self.model.eval()
-        metrics, _ = evaluate(self.model.scores, samples, self.history, self.cfg.train.eval_batch_size, self.device,
-                              trim=self.model.supports_trimming)
-        return metrics
+        shard = (self.world.rank, self.world.size) if self.world.active else None
+        metrics, ranks = evaluate(self.model.scores, samples, self.history, self.cfg.train.eval_batch_size, self.device,
+                                  trim=self.model.supports_trimming, shard=shard)
+        if shard is None:
+            return metrics
+        return metrics_from_ranks(distributed.all_sum(ranks), KS)  # every process's users: exact metrics
 
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
         """Train until early stopping or the epoch limit; `stop_after` ends this call after that many
@@ -281,17 +321,24 @@ class Trainer:
             self.epoch += 1
             valid = self.evaluate(self.split.valid)
             improved = valid[metric] > self.best_metric
+            main = self.world.main
             if improved:
                 self.best_metric, self.best_epoch, self.bad_epochs = valid[metric], self.epoch, 0
-                atomic_torch_save(self.model.state_dict(), self.run_dir / "best.pt")
+                if main:
+                    atomic_torch_save(self.model.state_dict(), self.run_dir / "best.pt")
             else:
                 self.bad_epochs += 1
             record = {"epoch": self.epoch, "train_loss": round(loss, 6), "train_seconds": round(dt, 3),
                       "samples_per_s": round(len(self.split.train) / dt, 1), "num_threads": torch.get_num_threads(),
+                      **({"processes": self.world.size} if self.world.active else {}),
                       **{f"valid_{k}": round(v, 6) for k, v in valid.items()}}
-            with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-            atomic_torch_save(self.state(), self.run_dir / "last.pt")
+            state = self.state()  # every process takes part (under torchrun it gathers their RNG states)
+            if main:
+                with open(self.run_dir / "metrics.jsonl", "a", encoding="utf-8") as f:
+                    f.write(json.dumps(record) + "\n")
+                atomic_torch_save(state, self.run_dir / "last.pt")
+            if self.world.active:
+                distributed.barrier()  # the checkpoints are written before any process reads them
             self.print(f"epoch {self.epoch:3d}  loss {loss:.4f}  valid {metric} {valid[metric]:.4f}"
                        f"{'  *' if improved else ''}  ({dt:.1f}s, {record['samples_per_s']:.0f} samples/s)")
             done_now += 1
@@ -316,6 +363,8 @@ class Trainer:
             "data": self.data.summary(),
             "item_fingerprint": self.data.item_fingerprint,
         }
+        if not self.world.main:
+            return results
         atomic_write_json(self.run_dir / "results.json", results)
         write_curves(self.run_dir)
         self.print(format_results(results["header"], test))
@@ -375,9 +424,13 @@ def save_run_files(run_dir: Path, cfg: RunConfig, data: SequenceData) -> None:
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = print, progress: bool = True,
           stop_after: int | None = None) -> tuple[Path, dict[str, Any]]:
-    """Train a model from a resolved config into a new run folder; returns (run_dir, results)."""
+    """Train a model from a resolved config into a new run folder; returns (run_dir, results).
+    Under torchrun every process calls it; rank 0 creates the folder and prints."""
     validate(cfg)  # a RunConfig built in Python gets the checks resolve_config applies
-    if run_dir is not None:
+    world, _ = distributed.setup(resolve_device(cfg.train.device))
+    if not world.main:
+        printer, progress = _quiet, False
+    if run_dir is not None and world.main:
         target = Path(run_dir)
         if target.exists() and not target.is_dir():
             raise AthweError(f"{target}: --run-dir is a file, not a folder")
@@ -388,16 +441,21 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
     data, split = load_data(cfg)
     printer(f"{cfg.data.dataset}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions; "
             f"{len(split.train)} training samples ({cfg.data.preset} preset, N={cfg.data.max_seq_length})")
-    run = Path(run_dir) if run_dir else _new_run_dir(cfg)
-    created = not run.exists() or not any(run.iterdir())
-    run.mkdir(parents=True, exist_ok=True)
+    created = False
+    if world.main:
+        run = Path(run_dir) if run_dir else _new_run_dir(cfg)
+        created = not run.exists() or not any(run.iterdir())
+        run.mkdir(parents=True, exist_ok=True)
+    if world.active:
+        run = Path(distributed.broadcast(str(run) if world.main else None))
     try:
         trainer = Trainer(cfg, run, data, split, printer, progress)
     except BaseException:
         if created:  # a model that cannot be built (missing features, bad model_args) leaves no run folder
             shutil.rmtree(run, ignore_errors=True)
         raise
-    save_run_files(run, cfg, data)
+    if world.main:
+        save_run_files(run, cfg, data)
     printer(f"run folder: {run}  model: {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters) "
             f"device: {trainer.device}")
     return run, trainer.fit(stop_after=stop_after)
@@ -475,6 +533,9 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
         raise AthweError(f"num_threads must be >= 0 (0 = the run's own setting), got {num_threads}")
     run = Path(run_dir)
     cfg = load_run_config(run)
+    world, _ = distributed.setup(resolve_device(cfg.train.device))
+    if not world.main:
+        printer, progress = _quiet, False
     if num_threads and num_threads != cfg.train.num_threads:
         printer(f"note: resuming on {num_threads} CPU thread(s) (the run started with "
                 f"{cfg.train.num_threads or 'torch default'})")
@@ -500,7 +561,8 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
                              f"{run} --allow-new-features` continues on them; otherwise start a new run")
         epoch = int(ckpt.get("epoch", 0))
         changes = feature_changes(run) + [{"after_epoch": epoch, "from": old, "to": new}]
-        atomic_write_json(run / FEATURES_FILE, {"changes": changes})
+        if world.main:
+            atomic_write_json(run / FEATURES_FILE, {"changes": changes})
         model.accepted_feature_fingerprints.add(old)
         why = (f"they agree with the checkpoint's to within {SKETCH_TOLERANCE:g} on every item" if same
                else "--allow-new-features")
@@ -515,7 +577,8 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     mpath = run / "metrics.jsonl"
     if mpath.is_file():
         rows = [r for r in read_metrics(mpath) if r["epoch"] <= trainer.epoch]
-        atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows))  # as fit() appends them
+        if world.main:
+            atomic_write_text(mpath, "".join(json.dumps(r) + "\n" for r in rows))  # as fit() appends them
     printer(f"resuming {run} after epoch {trainer.epoch} (best {cfg.train.valid_metric} {trainer.best_metric:.4f} at epoch {trainer.best_epoch})")
     return trainer.fit(stop_after=stop_after)
 
