@@ -560,6 +560,12 @@ def test_athwe_demo_and_reference_settings():
     assert ref.model_args["modalities"] == ["id", "text", "image"] and ref.model_args["moe_topk"] == 6
     assert ref.model_args["time_routing"] is True and cfg.model_args["time_routing"] is True
     # ml-100k routes on content with the auto time scale (chosen on validation NDCG@10)
+    # the ID-only baselines on the mission's dataset share ATHWE's protocol, split and item map
+    for name in ("sasrec", "wearec", "bsarec", "fearec", "asrec"):
+        base = resolve_config(name, "Home_and_Kitchen")
+        assert (base.data.preset, base.data.kcore, base.data.max_seq_length) == (
+            ref.data.preset, ref.data.kcore, ref.data.max_seq_length), name
+    assert resolve_config("sasrec", "Home_and_Kitchen").train.valid_metric == ref.train.valid_metric
     ml = resolve_config("athwe", "ml-100k")
     assert (ml.model_args["time_routing"], ml.model_args["time_scale"], ml.model_args["modalities"]) == (
         False, "auto", ["id", "text"])
