@@ -456,16 +456,13 @@ def test_cpu_training_run_and_reload(tmp_path):
     assert tr.evaluate_run(run)["test"] == pytest.approx(results["test"])
 
 
-def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
-    """Checkpoints without a feature sketch (saved before sketches were kept), features extracted again (here: the text table moved by one float step in some entries, as
-    another CPU gives) change the fingerprint: resuming onto them is refused with a one-line hint,
-    goes on with allow_new_features (recorded in features.json), the checkpoints from before the
-    change still load for the final and later evaluations, and a third feature set is refused."""
+def _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs: int):
+    """A tiny ATHWE run in tmp_path/run on random features, stopped during epoch 2 (epoch 1's
+    checkpoints written); returns (data folder, feature folder)."""
     from conftest import train_dies_in_epoch
-    from athwe.feature_extraction.store import TEXT_FILE, features_dir
 
     data = write_tiny_dataset(tmp_path / "data")
-    flags = {"data.data_dir": str(data), "data.max_seq_length": 8, "train.epochs": 3, "train.batch_size": 64,
+    flags = {"data.data_dir": str(data), "data.max_seq_length": 8, "train.epochs": epochs, "train.batch_size": 64,
              "train.runs_dir": str(tmp_path / "runs"), "train.device": "cpu"}
     overrides = [f"model_args.{k}={json.dumps(v)}" for k, v in SMALL.items()]
     cfg = resolve_config("athwe", "tiny", overrides=overrides, flags=flags)
@@ -475,6 +472,17 @@ def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
     with pytest.raises(KeyboardInterrupt):
         tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
     undo()
+    return data, folder
+
+
+def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
+    """Checkpoints without a feature sketch (saved before sketches were kept), features extracted again (here: the text table moved by one float step in some entries, as
+    another CPU gives) change the fingerprint: resuming onto them is refused with a one-line hint,
+    goes on with allow_new_features (recorded in features.json), the checkpoints from before the
+    change still load for the final and later evaluations, and a third feature set is refused."""
+    from athwe.feature_extraction.store import TEXT_FILE, features_dir
+
+    data, folder = _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs=3)
     for name in ("best.pt", "last.pt"):  # checkpoints saved before feature sketches were kept
         ckpt = torch.load(tmp_path / "run" / name, weights_only=True)
         state = ckpt["model"] if name == "last.pt" else ckpt
@@ -514,20 +522,9 @@ def test_resume_on_features_that_match_the_sketch_needs_no_flag(tmp_path, monkey
     """A run whose checkpoints keep a feature sketch resumes on features extracted again (last bits
     moved) without --allow-new-features, records the change and says why; features with one item's
     text changed are still refused."""
-    from conftest import train_dies_in_epoch
     from athwe.feature_extraction.store import TEXT_FILE
 
-    data = write_tiny_dataset(tmp_path / "data")
-    flags = {"data.data_dir": str(data), "data.max_seq_length": 8, "train.epochs": 2, "train.batch_size": 64,
-             "train.runs_dir": str(tmp_path / "runs"), "train.device": "cpu"}
-    overrides = [f"model_args.{k}={json.dumps(v)}" for k, v in SMALL.items()]
-    cfg = resolve_config("athwe", "tiny", overrides=overrides, flags=flags)
-    tokens = load_sequences(data, "tiny", kcore=cfg.data.kcore).item_tokens
-    folder = write_random_features(data / "tiny", tokens)
-    undo = train_dies_in_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
-    undo()
+    data, folder = _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs=2)
     text = torch.load(folder / TEXT_FILE)
     changed = text.clone()
     changed[3] += 0.01
