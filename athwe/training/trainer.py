@@ -1,8 +1,9 @@
 """The trainer: Adam, CE or BCE, early stopping, best-checkpoint test, exact resume.
 
-A run folder ``runs/<id>/`` holds config.yaml (resolved: every model setting, defaults included), item_map.json, metrics.jsonl (one line per
-epoch), last.pt and best.pt (plain state dicts; ``torch.load(weights_only=True)`` works),
-results.json and curves.png.
+A run folder ``runs/<id>/`` holds config.yaml (resolved: every model setting, defaults included),
+item_map.json, metrics.jsonl (one line per epoch), last.pt and best.pt (plain state dicts;
+``torch.load(weights_only=True)`` works), results.json and curves.png. Under torchrun several
+processes train one run data-parallel (athwe.training.distributed).
 """
 from __future__ import annotations
 
