@@ -71,6 +71,22 @@ def test_world_from_env(monkeypatch):
         world_from_env()
 
 
+def test_world_size_without_torchrun_is_a_one_line_error(tiny_data_dir, tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from athwe.cli import app
+
+    for k, v in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0"}.items():
+        monkeypatch.setenv(k, v)
+    for k in ("MASTER_ADDR", "MASTER_PORT"):
+        monkeypatch.delenv(k, raising=False)
+    res = CliRunner().invoke(app, ["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir),
+                                   "--epochs", "1", "--run-dir", str(tmp_path / "run")])
+    assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1, res.output
+    assert "cannot join the process group" in res.stderr and "torchrun" in res.stderr
+    assert not (tmp_path / "run").exists()
+
+
 def test_two_processes_train_as_one_on_the_whole_batch(tiny_data_dir, tmp_path):
     """Without dropout, two processes splitting every batch take the one-process steps: the same
     losses, weights to float rounding and the same test metrics; rank 0 alone prints and writes."""

@@ -20,7 +20,7 @@ from typing import Any, Iterable
 import torch
 import torch.distributed as dist
 
-from athwe.errors import AthweError
+from athwe.errors import AthweError, brief
 
 
 @dataclass(frozen=True)
@@ -75,7 +75,11 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         device = torch.device("cuda", world.local_rank)
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        try:
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+        except (ValueError, RuntimeError) as e:  # e.g. MASTER_ADDR unset: WORLD_SIZE without torchrun
+            raise AthweError(f"distributed launch (WORLD_SIZE {world.size}): cannot join the process group "
+                             f"({brief(e)}); start it with torchrun") from None
     _world = world
     return world, device
 
