@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
@@ -21,8 +22,23 @@ def _fail(message: str) -> None:
     raise typer.Exit(code=2)
 
 
+def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
+    """A warnings.showwarning that prints athwe's own warnings (raised in its files, or worded
+    "athwe: ..." when raised from a torch hook) as one "warning: ..." line on stderr, without source
+    path and line, and leaves other libraries' warnings to `show`."""
+    def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+        if "athwe" in Path(filename).parts or str(message).startswith("athwe:"):
+            typer.echo(f"warning: {message}", err=True)
+        else:
+            show(message, category, filename, lineno, file, line)
+    return showwarning
+
+
 def _guard(fn: Callable[[], Any]) -> Any:
-    """Turn user-facing errors into one line on stderr and exit code 2."""
+    """Turn user-facing errors into one line on stderr and exit code 2 (and athwe's warnings into
+    one line each)."""
+    show = warnings.showwarning
+    warnings.showwarning = _one_line_warnings(show)
     try:
         return fn()
     except AthweError as e:
@@ -34,6 +50,8 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except KeyboardInterrupt:
         typer.echo("interrupted; `athwe train --resume RUN_DIR` continues from the last finished epoch", err=True)
         raise typer.Exit(code=130)
+    finally:
+        warnings.showwarning = show
 
 
 @app.command()

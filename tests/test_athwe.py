@@ -539,6 +539,23 @@ def test_resume_on_features_that_match_the_sketch_needs_no_flag(tmp_path, monkey
     assert any("agree with the checkpoint's to within 0.0001 on every item" in line for line in heard), heard
 
 
+def test_cli_evaluates_a_run_on_features_extracted_again_with_a_one_line_warning(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from athwe.cli import app
+    from athwe.feature_extraction.store import TEXT_FILE
+
+    data, folder = _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs=2)
+    tr.resume(tmp_path / "run", printer=lambda s: None, progress=False)
+    text = torch.load(folder / TEXT_FILE)
+    torch.save(torch.nextafter(text, torch.tensor(math.inf)) * (text != 0), folder / TEXT_FILE)
+    res = CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--json"])
+    assert res.exit_code == 0, res.output
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("warning: athwe: the checkpoint was trained on features"), lines
+    assert json.loads(res.stdout)["test"] == json.loads((tmp_path / "run" / "results.json").read_text())["test"]
+
+
 def test_training_after_a_first_call_in_inference_mode():
     model = make().eval()
     with torch.inference_mode():
