@@ -103,6 +103,37 @@ def train(
 
 
 @app.command()
+def runs(
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="The folder holding run folders."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """List the run folders: model, dataset, status, epochs, best validation metric, test NDCG@10."""
+    from athwe.training.trainer import list_runs
+
+    def go() -> None:
+        rows = list_runs(runs_dir)
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            typer.echo(f"{runs_dir}: no runs yet (`athwe train` writes one)")
+            return
+        head = f"{'run':34s} {'model':8s} {'dataset':18s} {'status':10s} {'epochs':>8s} {'best valid':>18s} {'test NDCG@10':>12s}"
+        typer.echo(head)
+        for r in rows:
+            best = f"{r['valid_metric']} {r['best_valid']:.4f}@{r['best_epoch']}" if r["best_valid"] is not None else "-"
+            test = f"{r['test_NDCG@10']:.4f}" if r["test_NDCG@10"] is not None else "-"
+            typer.echo(f"{Path(r['run']).name[:34]:34s} {r['model'][:8]:8s} {r['dataset'][:18]:18s} {r['status'][:10]:10s} "
+                       f"{str(r['epochs']) + '/' + str(r['max_epochs']):>8s} {best:>18s} {test:>12s}")
+        stopped = [r for r in rows if r["status"] == "unfinished"]
+        if stopped:
+            typer.echo(f"{len(stopped)} unfinished run(s): one that is not training any more continues with "
+                       f"`athwe train --resume RUN_DIR`")
+
+    _guard(go)
+
+
+@app.command()
 def evaluate(
     run: Path = typer.Option(..., "--run", help="A run folder written by `athwe train`."),
     split: str = typer.Option("test", "--split", help="test or valid."),

@@ -428,3 +428,29 @@ def test_trainer_notes_a_busy_cpu(tiny_data_dir, tmp_path, monkeypatch):
     finally:
         torch.set_num_threads(before)
     assert [s for s in heard if s.startswith("note: other processes keep about 1.0")], heard
+
+
+def test_runs_lists_finished_and_unfinished_runs(tiny_data_dir, tmp_path, monkeypatch):
+    runs = tmp_path / "runs"
+    tr.train(tiny_cfg(tiny_data_dir, runs, epochs=2), run_dir=runs / "done", printer=lambda s: None, progress=False)
+    undo = train_dies_in_epoch(monkeypatch, 1)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(tiny_cfg(tiny_data_dir, runs, epochs=3), run_dir=runs / "cut", printer=lambda s: None, progress=False)
+    undo()
+    (runs / "not-a-run").mkdir()
+    rows = tr.list_runs(runs)
+    assert [Path(r["run"]).name for r in rows] == ["done", "cut"]
+    done, cut = rows
+    res = json.loads((runs / "done" / "results.json").read_text())
+    assert (done["status"], done["epochs"], done["max_epochs"], done["test_NDCG@10"]) == ("finished", 2, 2, res["test"]["NDCG@10"])
+    assert (cut["status"], cut["epochs"], cut["max_epochs"], cut["best_epoch"], cut["test_NDCG@10"]) == ("unfinished", 1, 3, 1, None)
+    assert cut["best_valid"] == tr.read_metrics(runs / "cut" / "metrics.jsonl")[0]["valid_NDCG@20"]
+    out = _cli(["runs", "--runs-dir", str(runs)], tmp_path)
+    assert out.exit_code == 0
+    lines = out.stdout.splitlines()
+    assert lines[1].split()[:5] == ["done", "sasrec", "tiny", "finished", "2/2"]
+    assert lines[2].split()[:5] == ["cut", "sasrec", "tiny", "unfinished", "1/3"]
+    assert "1 unfinished run(s)" in lines[3]
+    assert json.loads(_cli(["runs", "--runs-dir", str(runs), "--json"], tmp_path).stdout) == rows
+    bad = _cli(["runs", "--runs-dir", str(tmp_path / "none")], tmp_path)
+    assert bad.exit_code == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none'}: no runs folder"

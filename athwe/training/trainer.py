@@ -462,6 +462,45 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
     return run, trainer.fit(stop_after=stop_after)
 
 
+def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
+    """One record per run folder under `runs_dir` (oldest first): its name, model, dataset, status
+    ("finished"; "unfinished": training now, or stopped with a last.pt to resume from; "empty"
+    before its first epoch; "damaged" when its results.json cannot be read), epochs run and allowed, the
+    best validation metric and its epoch, test NDCG@10 when finished, and the processes / threads
+    of its last epoch. Folders without a readable config.yaml are left out."""
+    root = Path(runs_dir)
+    if not root.is_dir():
+        raise AthweError(f"{root}: no runs folder")
+    rows = []
+    for run in sorted((p for p in root.iterdir() if (p / "config.yaml").is_file()),
+                      key=lambda p: ((p / "config.yaml").stat().st_mtime, p.name)):
+        try:
+            cfg = load_run_config(run)
+        except (AthweError, ConfigError):
+            continue
+        metric = cfg.train.valid_metric
+        epochs = read_metrics(run / "metrics.jsonl") if (run / "metrics.jsonl").is_file() else []
+        best = max(epochs, key=lambda r: (r.get(f"valid_{metric}", -math.inf), -r["epoch"]), default=None)
+        row: dict[str, Any] = {"run": str(run), "model": cfg.model, "dataset": cfg.data.dataset,
+                               "epochs": len(epochs), "max_epochs": cfg.train.epochs, "valid_metric": metric,
+                               "best_valid": best.get(f"valid_{metric}") if best else None,
+                               "best_epoch": best["epoch"] if best else None, "test_NDCG@10": None,
+                               "processes": epochs[-1].get("processes", 1) if epochs else None,
+                               "threads": epochs[-1].get("num_threads") if epochs else None}
+        results = run / "results.json"
+        if results.is_file():
+            try:
+                res = json.loads(results.read_text(encoding="utf-8"))
+                row.update(status="finished", best_epoch=res["best_epoch"], epochs=res["epochs_run"],
+                           **{"test_NDCG@10": res["test"]["NDCG@10"]})
+            except (ValueError, KeyError, TypeError):
+                row["status"] = "damaged"
+        else:
+            row["status"] = "unfinished" if (run / "last.pt").is_file() else "empty"
+        rows.append(row)
+    return rows
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
     run = Path(run_dir)
     path = run / "config.yaml"
