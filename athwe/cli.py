@@ -92,10 +92,14 @@ def train(
                  "train.seed": seed, "train.device": device, "train.precision": precision, "train.num_threads": threads,
                  "train.runs_dir": runs_dir}
         cfg = resolve_config(model, dataset, str(config) if config else None, set_, flags)
-        if dry_run:
+        if dry_run:  # what the run folder's config.yaml would hold: every model setting, defaults included
             import yaml
 
-            typer.echo(yaml.safe_dump(cfg.to_dict(), sort_keys=False))
+            from athwe.models import resolved_model_args
+
+            shown = cfg.to_dict()
+            shown["model_args"] = resolved_model_args(cfg.model, cfg.model_args)
+            typer.echo(yaml.safe_dump(shown, sort_keys=False))
             return
         tr.train(cfg, run_dir=run_dir)
 

@@ -360,6 +360,7 @@ def test_bad_precision_is_a_one_line_cli_error(tmp_path):
     assert not (tmp_path / "r").exists()
     res = _cli(["train", "--model", "sasrec", "--precision", "bf16", "--print-config"], tmp_path)
     assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["precision"] == "bf16"
+    assert yaml.safe_load(res.stdout)["model_args"]["layer_norm_eps"] == 1e-12  # defaults shown too
 
 
 def test_resume_on_another_thread_count_records_it_per_epoch(tiny_data_dir, tmp_path, monkeypatch):
