@@ -439,6 +439,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
             what = "a run" if (target / "config.yaml").is_file() else "files"
             raise AthweError(f"{target}: already holds {what}; continue a run with `athwe train --resume {target}`, "
                              f"or pass a new or empty --run-dir")
+    if not world.main:  # rank 0 first prepares what is missing (the demo, its features) and the run folder
+        run = Path(distributed.broadcast(None))
     data, split = load_data(cfg)
     printer(f"{cfg.data.dataset}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions; "
             f"{len(split.train)} training samples ({cfg.data.preset} preset, N={cfg.data.max_seq_length})")
@@ -447,8 +449,6 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
         run = Path(run_dir) if run_dir else _new_run_dir(cfg)
         created = not run.exists() or not any(run.iterdir())
         run.mkdir(parents=True, exist_ok=True)
-    if world.active:
-        run = Path(distributed.broadcast(str(run) if world.main else None))
     try:
         trainer = Trainer(cfg, run, data, split, printer, progress)
     except BaseException:
@@ -457,6 +457,8 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
         raise
     if world.main:
         save_run_files(run, cfg, data)
+        if world.active:
+            distributed.broadcast(str(run))
     printer(f"run folder: {run}  model: {cfg.model} ({sum(p.numel() for p in trainer.model.parameters()):,} parameters) "
             f"device: {trainer.device}")
     return run, trainer.fit(stop_after=stop_after)
@@ -583,8 +585,12 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     last = run / "last.pt"
     if not last.is_file():
         raise AthweError(f"{last}: no checkpoint to resume from")
+    if not world.main:  # rank 0 first prepares what is missing (the demo, its features)
+        distributed.broadcast(None)
     data, split = load_data(cfg)
     trainer = Trainer(cfg, run, data, split, printer, progress)
+    if world.main and world.active:
+        distributed.broadcast(None)
     ckpt = load_checkpoint(last)
     model = trainer.model
     accept_recorded_features(model, run)
