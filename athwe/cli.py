@@ -23,11 +23,11 @@ def _fail(message: str) -> None:
 
 
 def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
-    """A warnings.showwarning that prints athwe's own warnings (raised in its files, or worded
-    "athwe: ..." when raised from a torch hook) as one "warning: ..." line on stderr, without source
-    path and line, and leaves other libraries' warnings to `show`."""
+    """A warnings.showwarning that prints athwe's own warnings (all worded "athwe: ...") as one
+    "warning: ..." line on stderr, without source path and line (they are often raised from a torch
+    hook), and leaves other libraries' warnings to `show`."""
     def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
-        if "athwe" in Path(filename).parts or str(message).startswith("athwe:"):
+        if str(message).startswith("athwe:"):
             typer.echo(f"warning: {message}", err=True)
         else:
             show(message, category, filename, lineno, file, line)

@@ -1,4 +1,4 @@
-"""Data-parallel training under torchrun (``torchrun --nproc_per_node 2 $(which athwe) train ...``).
+"""Data-parallel training under torchrun (``torchrun --nproc_per_node 2 -m athwe.cli train ...``).
 
 The launcher's RANK, WORLD_SIZE and LOCAL_RANK say which process this is; without them (or with
 WORLD_SIZE 1) nothing here does anything and training is the single-process loop. With several
@@ -53,20 +53,11 @@ def world_from_env() -> World:
     return World(rank, size, local)
 
 
-_world = World()
-
-
-def current() -> World:
-    return _world
-
-
 def setup(device: torch.device) -> tuple[World, torch.device]:
     """Join the launch's process group (once) and pick this process's device: cuda:LOCAL_RANK when
     training on CUDA. Single-process: (World(), device) unchanged."""
-    global _world
     world = world_from_env()
     if not world.active:
-        _world = world
         return world, device
     if device.type == "cuda":
         if world.local_rank >= torch.cuda.device_count():
@@ -80,7 +71,6 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         except (ValueError, RuntimeError) as e:  # e.g. MASTER_ADDR unset: WORLD_SIZE without torchrun
             raise AthweError(f"distributed launch (WORLD_SIZE {world.size}): cannot join the process group "
                              f"({brief(e)}); start it with torchrun") from None
-    _world = world
     return world, device
 
 

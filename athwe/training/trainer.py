@@ -276,8 +276,8 @@ class Trainer:
             rows = perm[start:start + bs]
             share = 1.0
             if world.active:  # this process's part of the batch, weighted by its size
-                share = len(rows[world.rank::world.size]) / len(rows)
-                rows = rows[world.rank::world.size]
+                mine = rows[world.rank::world.size]
+                share, rows = len(mine) / len(rows), mine
             self.optimizer.zero_grad(set_to_none=True)
             value = 0.0
             if len(rows):
