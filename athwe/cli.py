@@ -95,11 +95,7 @@ def train(
         if dry_run:  # what the run folder's config.yaml would hold: every model setting, defaults included
             import yaml
 
-            from athwe.models import resolved_model_args
-
-            shown = cfg.to_dict()
-            shown["model_args"] = resolved_model_args(cfg.model, cfg.model_args)
-            typer.echo(yaml.safe_dump(shown, sort_keys=False))
+            typer.echo(yaml.safe_dump(tr.saved_config(cfg), sort_keys=False))
             return
         tr.train(cfg, run_dir=run_dir)
 

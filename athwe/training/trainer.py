@@ -416,10 +416,16 @@ def write_curves(run_dir: Path) -> None:
     plt.close(fig)
 
 
-def save_run_files(run_dir: Path, cfg: RunConfig, data: SequenceData) -> None:
+def saved_config(cfg: RunConfig) -> dict[str, Any]:
+    """What a run folder's config.yaml holds: the resolved config with every model setting,
+    defaults included (`resolved_model_args`)."""
     saved = cfg.to_dict()
     saved["model_args"] = resolved_model_args(cfg.model, cfg.model_args)
-    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved, sort_keys=False))
+    return saved
+
+
+def save_run_files(run_dir: Path, cfg: RunConfig, data: SequenceData) -> None:
+    atomic_write_text(run_dir / "config.yaml", yaml.safe_dump(saved_config(cfg), sort_keys=False))
     atomic_write_json(run_dir / "item_map.json", data.item_map())
 
 
