@@ -26,7 +26,8 @@ def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
     """A warnings.showwarning that prints athwe's own warnings (all worded "athwe: ...") as one
     "warning: ..." line on stderr, without source path and line (they are often raised from a torch
     hook), and leaves other libraries' warnings to `show`."""
-    def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None, line: Any = None) -> None:
+    def showwarning(message: Any, category: type, filename: str, lineno: int, file: Any = None,
+                    line: Any = None) -> None:
         if str(message).startswith("athwe:"):
             typer.echo(f"warning: {message}", err=True)
         else:
@@ -56,11 +57,17 @@ def _guard(fn: Callable[[], Any]) -> Any:
 
 @app.command()
 def train(
-    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see `athwe models`). Default: athwe (the demo trains it on ID + text features)."),
-    dataset: Optional[str] = typer.Option(None, "--dataset", "-d", help="Dataset folder name under --data-dir. Default: the bundled demo."),
-    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Root holding <dataset>/ folders. Default: ./dataset."),
-    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file with model/data/train/model_args sections."),
-    set_: List[str] = typer.Option([], "--set", help="Override, e.g. --set train.lr=5e-4 --set model_args.num_heads=1 (repeatable)."),
+    model: Optional[str] = typer.Option(
+        None, "--model", "-m",
+        help="Model name (see `athwe models`). Default: athwe (the demo trains it on ID + text features)."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", "-d", help="Dataset folder name under --data-dir. Default: the bundled demo."),
+    data_dir: Optional[str] = typer.Option(
+        None, "--data-dir", help="Root holding <dataset>/ folders. Default: ./dataset."),
+    config: Optional[Path] = typer.Option(
+        None, "--config", "-c", help="YAML file with model/data/train/model_args sections."),
+    set_: List[str] = typer.Option(
+        [], "--set", help="Override, e.g. --set train.lr=5e-4 --set model_args.num_heads=1 (repeatable)."),
     preset: Optional[str] = typer.Option(None, "--preset", help="Protocol preset: bsarec or recbole."),
     loss: Optional[str] = typer.Option(None, "--loss", help="ce (all items) or bce (one sampled negative)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", help="Maximum epochs."),
@@ -69,33 +76,41 @@ def train(
     seed: Optional[int] = typer.Option(None, "--seed", help="Random seed."),
     max_seq_length: Optional[int] = typer.Option(None, "--max-seq-length", help="Input length N."),
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
-    threads: Optional[int] = typer.Option(None, "--threads", help="CPU threads for torch (train.num_threads; 0 = torch default). With --resume: the threads for the rest of the run."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="fp32 (default) or bf16: training steps under bfloat16 autocast (on a CPU, faster only with AMX / AVX-512 BF16); evaluation stays fp32."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads",
+        help=("CPU threads for torch (train.num_threads; 0 = torch default). With --resume: the threads for the "
+              "rest of the run.")),
+    precision: Optional[str] = typer.Option(
+        None, "--precision",
+        help=("fp32 (default) or bf16: training steps under bfloat16 autocast (on a CPU, faster only with AMX / "
+              "AVX-512 BF16); evaluation stays fp32.")),
     runs_dir: Optional[str] = typer.Option(None, "--runs-dir", help="Where run folders are created. Default: ./runs."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Exact run folder to create (default: runs/<model>-<dataset>-<time>)."),
-    resume: Optional[Path] = typer.Option(None, "--resume", help="Continue an interrupted run folder from its last checkpoint."),
-    allow_new_features: bool = typer.Option(False, "--allow-new-features", help="With --resume: continue an ATHWE run on item features whose fingerprint differs from the checkpoint's, also where the checkpoint's feature sketch cannot show that they agree (checkpoints saved before sketches were kept); for features extracted again with the same settings. Recorded in the run's features.json."),
+    run_dir: Optional[Path] = typer.Option(
+        None, "--run-dir", help="Exact run folder to create (default: runs/<model>-<dataset>-<time>)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue an interrupted run folder from its last checkpoint."),
     dry_run: bool = typer.Option(False, "--print-config", help="Print the resolved config and exit."),
 ) -> None:
     """Train a model and report full-ranking test metrics. With no arguments: the bundled demo."""
     from athwe.config import resolve_config
+    from athwe.models import check_run_config
+    from athwe.runs import saved_config
     from athwe.training import trainer as tr
 
     def run() -> None:
         if resume is not None:
-            tr.resume(resume, num_threads=threads, allow_new_features=allow_new_features)
+            tr.resume(resume, num_threads=threads)
             return
-        if allow_new_features:
-            raise AthweError("--allow-new-features applies only with --resume RUN")
         flags = {"data.data_dir": data_dir, "data.preset": preset, "data.max_seq_length": max_seq_length,
                  "train.loss": loss, "train.epochs": epochs, "train.lr": lr, "train.batch_size": batch_size,
-                 "train.seed": seed, "train.device": device, "train.precision": precision, "train.num_threads": threads,
-                 "train.runs_dir": runs_dir}
+                 "train.seed": seed, "train.device": device, "train.precision": precision,
+                 "train.num_threads": threads, "train.runs_dir": runs_dir}
         cfg = resolve_config(model, dataset, str(config) if config else None, set_, flags)
+        check_run_config(cfg)
         if dry_run:  # what the run folder's config.yaml would hold: every model setting, defaults included
             import yaml
 
-            typer.echo(yaml.safe_dump(tr.saved_config(cfg), sort_keys=False))
+            typer.echo(yaml.safe_dump(saved_config(cfg), sort_keys=False))
             return
         tr.train(cfg, run_dir=run_dir)
 
@@ -108,7 +123,7 @@ def runs(
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """List the run folders: model, dataset, status, epochs, best validation metric, test NDCG@10."""
-    from athwe.training.trainer import list_runs
+    from athwe.runs import list_runs
 
     def go() -> None:
         rows = list_runs(runs_dir)
@@ -118,12 +133,15 @@ def runs(
         if not rows:
             typer.echo(f"{runs_dir}: no runs yet (`athwe train` writes one)")
             return
-        head = f"{'run':34s} {'model':8s} {'dataset':18s} {'status':10s} {'epochs':>8s} {'best valid':>18s} {'test NDCG@10':>12s}"
+        head = (f"{'run':34s} {'model':8s} {'dataset':18s} {'status':10s} {'epochs':>8s} {'best valid':>18s} "
+                f"{'test NDCG@10':>12s}")
         typer.echo(head)
         for r in rows:
-            best = f"{r['valid_metric']} {r['best_valid']:.4f}@{r['best_epoch']}" if r["best_valid"] is not None else "-"
+            best = (f"{r['valid_metric']} {r['best_valid']:.4f}@{r['best_epoch']}" if r["best_valid"] is not None
+                    else "-")
             test = f"{r['test_NDCG@10']:.4f}" if r["test_NDCG@10"] is not None else "-"
-            typer.echo(f"{Path(r['run']).name[:34]:34s} {r['model'][:8]:8s} {r['dataset'][:18]:18s} {r['status'][:10]:10s} "
+            typer.echo(f"{Path(r['run']).name[:34]:34s} {r['model'][:8]:8s} {r['dataset'][:18]:18s} "
+                       f"{r['status'][:10]:10s} "
                        f"{str(r['epochs']) + '/' + str(r['max_epochs']):>8s} {best:>18s} {test:>12s}")
         stopped = [r for r in rows if r["status"] == "unfinished"]
         if stopped:
@@ -137,13 +155,15 @@ def runs(
 def evaluate(
     run: Path = typer.Option(..., "--run", help="A run folder written by `athwe train`."),
     split: str = typer.Option("test", "--split", help="test or valid."),
-    history: Optional[str] = typer.Option(None, "--history", help="none, zero (BSARec) or exclude. Default: the run's."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", help="Evaluation batch size (results do not depend on it)."),
+    history: Optional[str] = typer.Option(
+        None, "--history", help="none, zero (BSARec) or exclude. Default: the run's."),
+    batch_size: Optional[int] = typer.Option(
+        None, "--batch-size", help="Evaluation batch size (results do not depend on it)."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Re-evaluate a run's best checkpoint with full ranking."""
     from athwe.evaluation.metrics import HISTORY_MODES
-    from athwe.training.trainer import evaluate_run, format_results
+    from athwe.runs import evaluate_run, format_results
 
     def go() -> None:
         if split not in ("test", "valid"):
@@ -156,18 +176,14 @@ def evaluate(
     _guard(go)
 
 
-def _latest_run(runs_dir: str) -> Path:
-    runs = sorted((p for p in Path(runs_dir).glob("*/results.json")), key=lambda p: p.stat().st_mtime)
-    if not runs:
-        raise AthweError(f"{runs_dir}: no finished run found (train one with `athwe train`, or pass --run)")
-    return runs[-1].parent
-
-
 @app.command()
 def index(
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where to look for the latest run."),
-    kind: str = typer.Option("auto", "--kind", help="auto (exact up to 100k items, else IVF-PQ with exact re-ranking), flat, hnsw or ivfpq."),
+    kind: str = typer.Option(
+        "auto", "--kind",
+        help="auto (exact up to 100k items, else IVF-PQ with exact re-ranking), flat, hnsw or ivfpq."),
     hnsw_m: int = typer.Option(32, "--hnsw-m", help="HNSW graph degree."),
     ef_construction: int = typer.Option(200, "--ef-construction", help="HNSW build breadth."),
     ef_search: int = typer.Option(128, "--ef-search", help="HNSW search breadth."),
@@ -178,9 +194,10 @@ def index(
 ) -> None:
     """Build a FAISS inner-product index over a run's item vectors (saved in the run folder)."""
     from athwe.retrieval import build_run_index
+    from athwe.runs import latest_run
 
     def go() -> None:
-        target = run or _latest_run(runs_dir)
+        target = run or latest_run(runs_dir)
         meta = build_run_index(target, kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
                                nlist=nlist, pq_m=pq_m, nprobe=nprobe, refine=refine)
         typer.echo(f"{target}/index.faiss: {meta['kind']} index over {meta['n_items']:,} items x {meta['dim']} "
@@ -193,9 +210,11 @@ def index(
 def retrieve(
     user: Optional[str] = typer.Option(None, "--user", "-u", help="User token as in the dataset files."),
     k: int = typer.Option(10, "-k", "--top-k", help="How many items."),
-    run: Optional[Path] = typer.Option(None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where to look for the latest run."),
-    exclude_history: bool = typer.Option(True, "--exclude-history/--include-history", help="Drop items the user already has."),
+    exclude_history: bool = typer.Option(
+        True, "--exclude-history/--include-history", help="Drop items the user already has."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     all_users: bool = typer.Option(False, "--all-users", help="Top-k for every user, written to --out (JSON lines)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file for --all-users."),
@@ -203,6 +222,7 @@ def retrieve(
 ) -> None:
     """Top-k items for a user from a run's index, with titles when the dataset has them."""
     from athwe.retrieval import Retriever
+    from athwe.runs import latest_run
 
     def go() -> None:
         if all_users == (user is not None):
@@ -216,7 +236,7 @@ def retrieve(
                 raise AthweError(f"{out}: --out is a directory; give a file path")
             if any(p.exists() and not p.is_dir() for p in out.parents):
                 raise AthweError(f"{out}: a parent of --out is a file, not a directory")
-        retriever = Retriever(run or _latest_run(runs_dir))
+        retriever = Retriever(run or latest_run(runs_dir))
         if all_users:
             n = retriever.write_all(out, k, exclude_history, batch_size)
             typer.echo(f"{out}: top-{k} for {n:,} users")
@@ -282,14 +302,19 @@ IMPORT_FORMATS = {"2014": "amazon2014", "2018": "amazon2018", "2023": "amazon202
 
 @data_app.command("import")
 def data_import(
-    source: Path = typer.Argument(..., help="Amazon reviews file (2014/2018 JSON lines, 2023 JSONL or CSV), a RecBole atomic folder or .inter file, or a BSARec .txt file."),
+    source: Path = typer.Argument(
+        ..., help=("Amazon reviews file (2014/2018 JSON lines, 2023 JSONL or CSV), a RecBole atomic folder or "
+                   ".inter file, or a BSARec .txt file.")),
     name: str = typer.Option(..., "--name", "-n", help="Dataset name: the folder <data-dir>/<name>/ to create."),
-    meta: Optional[Path] = typer.Option(None, "--meta", help="Amazon metadata file (default: a meta_<Category> file beside SOURCE)."),
+    meta: Optional[Path] = typer.Option(
+        None, "--meta", help="Amazon metadata file (default: a meta_<Category> file beside SOURCE)."),
     fmt: str = typer.Option("auto", "--format", help="auto, 2014, 2018, 2023, atomic or txt."),
     kcore: int = typer.Option(0, "--kcore", help="Keep users and items with >= K interactions (0 = off)."),
     data_dir: str = typer.Option("dataset", "--data-dir", help="Root holding <dataset>/ folders."),
-    skip_bad_lines: bool = typer.Option(False, "--skip-bad-lines", help="Skip and count malformed lines instead of failing."),
-    overwrite: bool = typer.Option(False, "--overwrite", help="Replace an existing dataset folder (downloaded images are kept)."),
+    skip_bad_lines: bool = typer.Option(
+        False, "--skip-bad-lines", help="Skip and count malformed lines instead of failing."),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Replace an existing dataset folder (downloaded images are kept)."),
     no_find_meta: bool = typer.Option(False, "--no-find-meta", help="Do not look for a metadata file beside SOURCE."),
     as_json: bool = typer.Option(False, "--json", help="Print the import summary as JSON."),
 ) -> None:
@@ -341,19 +366,32 @@ def data_images(
 
 @app.command()
 def extract(
-    dataset: str = typer.Option("demo", "--dataset", "-d", help="Dataset folder name under --data-dir. Default: the bundled demo."),
+    dataset: str = typer.Option(
+        "demo", "--dataset", "-d", help="Dataset folder name under --data-dir. Default: the bundled demo."),
     data_dir: str = typer.Option("dataset", "--data-dir", help="Root holding <dataset>/ folders."),
-    text_model: Optional[str] = typer.Option(None, "--text-model", help="Hugging Face name or local folder (default: bert-base-uncased; the packaged all-MiniLM-L6-v2 for the demo; 'packaged-minilm')."),
-    text_pooling: str = typer.Option("auto", "--text-pooling", help="auto (sentence-transformers settings, else cls), cls or mean."),
-    text_fields: Optional[str] = typer.Option(None, "--text-fields", help="Comma-separated .item columns (default: title,categories,brand)."),
-    text_template: Optional[str] = typer.Option(None, "--text-template", help="Format string over .item columns, e.g. '{title}, {release_year}'."),
-    image_model: Optional[str] = typer.Option(None, "--image-model", help="open_clip architecture (default: ViT-L-14; ViT-B-16 with --image-pooling cls)."),
-    pretrained: Optional[str] = typer.Option(None, "--pretrained", help="open_clip weights tag or checkpoint file (default: openai)."),
-    image_pooling: str = typer.Option("embed", "--image-pooling", help="embed (CLIP image embedding) or cls (HM4SR: CLS token before the projection)."),
+    text_model: Optional[str] = typer.Option(
+        None, "--text-model",
+        help=("Hugging Face name or local folder (default: bert-base-uncased; the packaged all-MiniLM-L6-v2 for the "
+              "demo; 'packaged-minilm').")),
+    text_pooling: str = typer.Option(
+        "auto", "--text-pooling", help="auto (sentence-transformers settings, else cls), cls or mean."),
+    text_fields: Optional[str] = typer.Option(
+        None, "--text-fields", help="Comma-separated .item columns (default: title,categories,brand)."),
+    text_template: Optional[str] = typer.Option(
+        None, "--text-template", help="Format string over .item columns, e.g. '{title}, {release_year}'."),
+    image_model: Optional[str] = typer.Option(
+        None, "--image-model", help="open_clip architecture (default: ViT-L-14; ViT-B-16 with --image-pooling cls)."),
+    pretrained: Optional[str] = typer.Option(
+        None, "--pretrained", help="open_clip weights tag or checkpoint file (default: openai)."),
+    image_pooling: str = typer.Option(
+        "embed", "--image-pooling",
+        help="embed (CLIP image embedding) or cls (HM4SR: CLS token before the projection)."),
     no_text: bool = typer.Option(False, "--no-text", help="Skip text features."),
     no_image: bool = typer.Option(False, "--no-image", help="Skip image features."),
     no_categories: bool = typer.Option(False, "--no-categories", help="Skip category features."),
-    all_category_paths: bool = typer.Option(False, "--all-category-paths", help="Multi-hot over every category path (from <name>.meta.jsonl), not just the first."),
+    all_category_paths: bool = typer.Option(
+        False, "--all-category-paths",
+        help="Multi-hot over every category path (from <name>.meta.jsonl), not just the first."),
     batch_size: int = typer.Option(64, "--batch-size", help="Items per forward pass."),
     device: str = typer.Option("auto", "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
     kcore: int = typer.Option(0, "--kcore", help="The k-core filter training will use (the item map must match)."),

@@ -2,9 +2,9 @@
 
 Precedence, lowest to highest:
 1. dataclass defaults below (and the model's own config dataclass);
-2. ``configs/datasets/<dataset>.yaml``;
-3. ``configs/<model>.yaml`` (its top-level sections);
-4. ``configs/<model>.yaml`` section ``datasets: <dataset>:`` (published per-dataset settings);
+2. ``athwe/configs/datasets/<dataset>.yaml`` (package data, see `config_dir`);
+3. ``athwe/configs/<model>.yaml`` (its top-level sections);
+4. ``athwe/configs/<model>.yaml`` section ``datasets: <dataset>:`` (published per-dataset settings);
 5. ``--config FILE`` (same layout: ``model``, ``data``, ``train``, ``model_args``);
 6. ``--set section.key=value`` overrides, then dedicated CLI flags (``--epochs``, ``--lr``, ...).
 An unknown section or key anywhere is an error. The resolved config is saved in every run folder.
@@ -16,12 +16,16 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from athwe.errors import ConfigError
+
+if typing.TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
 
 
 @dataclass
@@ -66,21 +70,25 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig}
 #: train.precision: fp32, or bf16 = mixed precision (autocast: matrix products and convolutions in
 #: bfloat16; parameters, optimizer state, reductions and losses in float32)
 PRECISIONS = ("fp32", "bf16")
+#: train.loss: ce = cross-entropy over all items, bce = one sampled negative per target
+LOSSES = ("ce", "bce")
 
 
-def config_dir() -> Path:
-    """Where the YAML defaults live: $ATHWE_CONFIG_DIR, else ./configs, else the source checkout's."""
+def config_dir() -> Path | Traversable:
+    """Where the model and dataset YAML defaults live: $ATHWE_CONFIG_DIR when set (tests, edited
+    copies of the defaults), else the package's own ``athwe/configs``, read through importlib.resources
+    so that an installed (non-editable) package finds them as a source checkout does."""
     env = os.environ.get("ATHWE_CONFIG_DIR")
     if env:
         return Path(env)
-    cwd = Path.cwd() / "configs"
-    if cwd.is_dir():
-        return cwd
-    return Path(__file__).resolve().parent.parent / "configs"
+    return resources.files("athwe") / "configs"
 
 
-def load_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
+def load_yaml(path: str | Path | Traversable) -> dict[str, Any]:
+    """The mapping in a YAML file: a user's path or a packaged resource (`config_dir`); an empty
+    file is an empty mapping, anything else but a mapping a ConfigError."""
+    if isinstance(path, str):
+        path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
     try:
@@ -189,10 +197,10 @@ def resolve_config(model: str | None = None, dataset: str | None = None, config_
 
 
 def validate(cfg: RunConfig) -> None:
+    """Check every data and train setting; model settings are checked by the model's config class
+    (athwe.models.check_run_config), since this module imports no model."""
     from athwe.dataset.split import PRESETS
     from athwe.evaluation.metrics import HISTORY_MODES, KS
-    from athwe.models import build_model_config
-    from athwe.models.base import LOSSES
 
     if cfg.data.preset not in PRESETS:
         raise ConfigError(f"data.preset {cfg.data.preset!r} is not one of {', '.join(PRESETS)}")
@@ -202,7 +210,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.loss {cfg.train.loss!r} is not one of {', '.join(LOSSES)}")
     valid_metrics = {f"{m}@{k}" for m in ("HR", "NDCG", "MRR") for k in KS}
     if cfg.train.valid_metric not in valid_metrics:
-        raise ConfigError(f"train.valid_metric {cfg.train.valid_metric!r} is not one of {', '.join(sorted(valid_metrics))}")
+        raise ConfigError(f"train.valid_metric {cfg.train.valid_metric!r} is not one of "
+                          f"{', '.join(sorted(valid_metrics))}")
     t = cfg.train
     for key, value in (("data.max_seq_length", cfg.data.max_seq_length), ("train.batch_size", t.batch_size),
                        ("train.eval_batch_size", t.eval_batch_size), ("train.epochs", t.epochs),
@@ -219,7 +228,8 @@ def validate(cfg: RunConfig) -> None:
         raise ConfigError(f"train.num_threads must be >= 0 (0 = torch's default), got {t.num_threads}")
     if cfg.data.kcore < 0:
         raise ConfigError(f"data.kcore must be >= 0 (0 = no filtering), got {cfg.data.kcore}")
-    build_model_config(cfg.model, cfg.model_args)  # unknown model or model key -> ConfigError
+    if not isinstance(cfg.model, str) or not isinstance(cfg.model_args, dict):
+        raise ConfigError(f"model must be a name and model_args a mapping, got {cfg.model!r}, {cfg.model_args!r}")
 
 
 def history_mode(cfg: RunConfig) -> str:
@@ -229,7 +239,8 @@ def history_mode(cfg: RunConfig) -> str:
 
 
 def config_from_dict(d: dict[str, Any], where: str = "saved config") -> RunConfig:
-    """A run's saved config (its config.yaml), checked as a fresh one is: `where` names it in errors."""
+    """A run's saved config (its config.yaml), its data and train settings checked as a fresh one's are
+    (model settings: athwe.models.check_run_config); `where` names it in errors."""
     margs = d.get("model_args") or {}
     if not isinstance(margs, dict):
         raise ConfigError(f"{where}: section 'model_args' must be a mapping")

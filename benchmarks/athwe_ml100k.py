@@ -1,21 +1,21 @@
 """ATHWE against SASRec, BSARec and WEARec on MovieLens-100k, with ATHWE ablations.
 
-Every variant trains with the dataset's protocol (configs/datasets/ml-100k.yaml: RecBole preset,
+Every variant trains with the dataset's protocol (athwe/configs/datasets/ml-100k.yaml: RecBole preset,
 5-core, early stopping on NDCG@10) for each seed, in a fresh child process so that its peak memory
 can be reported (CUDA: max allocated; CPU: the child's peak RSS). The table gives test HR/NDCG at
 5/10/20 as mean ± sample standard deviation over the seeds, training samples/s and peak memory.
 
 ATHWE needs item features: when `<data-dir>/<dataset>/features/` is missing they are extracted
 first (text from the item titles with --text-model, categories from the `class` column; ml-100k
-has no images, so ATHWE runs on ID + text there, configs/athwe.yaml).
+has no images, so ATHWE runs on ID + text there, athwe/configs/athwe.yaml).
 
 Full run (hours on a CPU):
-    python benchmarks/athwe_ml100k.py
+    python benchmarks/athwe_ml100k.py --out benchmarks/results/athwe_ml100k_content_routing
 Smoke test on a small dataset, one epoch:
     python benchmarks/athwe_ml100k.py --dataset ml-tiny --data-dir /tmp/ml-tiny --epochs 1 \
         --seeds 1,2 --set data.preset=recbole --set data.kcore=5 \
         --athwe-set 'model_args.modalities=[id,text]' --out /tmp/athwe_tiny
-(a dataset without a section in configs/athwe.yaml gets the reference modalities id, text and
+(a dataset without a section in athwe/configs/athwe.yaml gets the reference modalities id, text and
 image; a dataset without images needs the --athwe-set). Each run prints its trainer's line per
 epoch, prefixed with its variant and seed (--quiet: none).
 """
@@ -55,7 +55,7 @@ VARIANTS: list[tuple[str, str, list[str]]] = [
 ]
 #: variants that are not ablations and not trained unless named in --variants
 EXTRA_VARIANTS = {"ATHWE bf16"}
-#: the time-routing ablation of a dataset whose configs/athwe.yaml section routes on content
+#: the time-routing ablation of a dataset whose athwe/configs/athwe.yaml section routes on content
 #: (time_routing false) switches time routing on instead
 TIME_ROUTING_ON = ("ATHWE time routing", "athwe", ["model_args.time_routing=true"])
 
@@ -119,7 +119,8 @@ def run_one(model: str, dataset: str, overrides: list[str], flags: dict[str, Any
         torch.cuda.reset_peak_memory_stats()
     say = epoch_printer(label, quiet)
     run_dir, how, seconds = train_or_reuse(cfg, fresh, log=say, printer=say)
-    extra = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1), "load_avg_before": load_before}
+    extra = {"peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
+             "load_avg_before": load_before}
     if torch.cuda.is_available() and cfg.train.device != "cpu":
         extra["peak_cuda_mb"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
     return record_of(run_dir, how, seconds, extra)
@@ -240,9 +241,11 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
              command_line(meta["command"], bool(meta.get("report_only"))), "",
              f"Protocol: {h.get('preset', '?')} preset, history {h.get('history', '?')}, full ranking over all items, "
              "chronological leave-one-out, one target per user, ties count items scored strictly higher, padding "
-             f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). Device {meta['device']}, "
+             f"excluded. Test metrics as mean ± sample std over the seeds of each row (of {meta['seeds']}). "
+             f"Device {meta['device']}, "
              f"CPU threads per run in column threads; {load_line(meta, rows)}.", "",
-             "| variant | seeds | " + " | ".join(METRICS) + " | valid NDCG@10 | best epochs | threads | samples/s | peak memory (MB) |",
+             "| variant | seeds | " + " | ".join(METRICS)
+             + " | valid NDCG@10 | best epochs | threads | samples/s | peak memory (MB) |",
              "|---" * (7 + len(METRICS)) + "|"]
     for r in rows:
         runs = r["runs"]
@@ -251,11 +254,13 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
         cells = [mean_std([x["test"][m] for x in runs]) for m in METRICS]
         mem = [x.get("peak_cuda_mb", x.get("peak_rss_mb", 0.0)) for x in runs]
         kind = "CUDA" if "peak_cuda_mb" in runs[0] else "RSS"
-        lines.append(f"| {r['variant']} | {seeds_cell(runs)} | " + " | ".join(cells) +
-                     f" | {mean_std([x['valid']['NDCG@10'] for x in runs]) if all('valid' in x for x in runs) else 'n/a'}"
-                     f" | {','.join(str(x['best_epoch']) for x in runs)} | {threads_cell(runs)} | "
-                     f"{speed_cell(runs)} | {max(mem):.0f} ({kind})"
-                     f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
+        lines.append(
+            f"| {r['variant']} | {seeds_cell(runs)} | " + " | ".join(cells) +
+            " | "
+            f"{mean_std([x['valid']['NDCG@10'] for x in runs]) if all('valid' in x for x in runs) else 'n/a'}"
+            f" | {','.join(str(x['best_epoch']) for x in runs)} | {threads_cell(runs)} | "
+            f"{speed_cell(runs)} | {max(mem):.0f} ({kind})"
+            f"{'*' if any(x.get('resumed') for x in runs) else ''} |")
     lines += ["", "Valid NDCG@10: the validation split's NDCG@10 at the best epoch (the early-stopping metric), "
               "the figure a choice between variants can be made on without looking at the test split."]
     mixed = [f"{r['variant']} seed {x['seed']}" for r in rows for x in r["runs"]
@@ -274,8 +279,10 @@ def write(out: str, meta: dict[str, Any], rows: list[dict[str, Any]], final: boo
                   "users are tested; training noise enters only through the seeds averaged).", "",
                   "Two rows are compared on the seeds both have (column seeds); without a seed in common, "
                   "on all of each row's seeds (column: all).", "",
-                  "| variant | against | seeds | NDCG@10 difference | 95% interval | ahead in |", "|---|---|---|---|---|---|"]
-        lines += [f"| {p['variant']}{' †' if p.get('carried') else ''} | {p['against']} | {pair_seeds_cell(p)} | {p['rel']:+.1%} | "
+                  "| variant | against | seeds | NDCG@10 difference | 95% interval | ahead in |",
+                  "|---|---|---|---|---|---|"]
+        lines += [f"| {p['variant']}{' †' if p.get('carried') else ''} | {p['against']} | {pair_seeds_cell(p)} | "
+                  f"{p['rel']:+.1%} | "
                   f"[{p['lo']:+.1%}, {p['hi']:+.1%}] | {p['ahead']:.0%} |" for p in pairs]
         if any(p.get("carried") for p in pairs):
             lines += ["", "Comparisons marked † are the earlier table's: their rows are unchanged, and the per-user "
@@ -331,7 +338,8 @@ def main() -> None:
     ap.add_argument("--text-model", default="packaged-minilm", help="feature extraction text model (offline default)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--threads", type=int, default=0, help="train.num_threads (0 = torch default)")
-    ap.add_argument("--out", default="benchmarks/results/athwe_ml100k")
+    ap.add_argument("--out", required=True,
+                    help="table path without .md, e.g. benchmarks/results/athwe_ml100k_content_routing")
     ap.add_argument("--carry-from", action="append", default=[], metavar="TABLE",
                     help="another table (path without .md) whose run records and kept test ranks are carried over "
                          "like --out's own, for runs with no folder here (repeatable; where tables share a run, "
@@ -352,8 +360,8 @@ def main() -> None:
               else [x for x in known if x not in EXTRA_VARIANTS])
     unknown = sorted(set(wanted) - set(known))
     if unknown:
-        other = {"ATHWE no time routing": "its ATHWE already routes on content", TIME_ROUTING_ON[0]: "its ATHWE already "
-                 "routes on time"}
+        other = {"ATHWE no time routing": "its ATHWE already routes on content",
+                 TIME_ROUTING_ON[0]: "its ATHWE already routes on time"}
         why = "".join(f"; {u}: {other[u]} on {args.dataset}" for u in unknown if u in other)
         ap.error(f"unknown variant(s) {unknown}{why}; known: {known}")
     args.data_dir = writable_data_dir(args.dataset, args.data_dir, Path(args.runs_dir) / "data")
@@ -413,7 +421,8 @@ def main() -> None:
             res["seed"] = seed
             row["runs"].append(res)
             print(json.dumps({"variant": label, "seed": seed, "NDCG@10": round(res["test"]["NDCG@10"], 4),
-                              **{k: res.get(k) for k in ("best_epoch", "epochs", "samples_per_s", "peak_rss_mb", "wall_s")}}),
+                              **{k: res.get(k)
+                                 for k in ("best_epoch", "epochs", "samples_per_s", "peak_rss_mb", "wall_s")}}),
                   flush=True)
             write(args.out, meta, rows, final=False)
     if not any(r["runs"] for r in rows):

@@ -57,7 +57,8 @@ def run_setting(model: str, procs: int, threads: int, epochs: int, scratch: Path
     rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
     rates = [r["samples_per_s"] for r in rows[1:]] or [rows[0]["samples_per_s"]]
     return {"model": model, "processes": procs, "threads_per_process": threads, "epochs": len(rows),
-            "samples_per_s": round(statistics.median(rates), 1), "samples_per_s_all": [r["samples_per_s"] for r in rows],
+            "samples_per_s": round(statistics.median(rates), 1),
+            "samples_per_s_all": [r["samples_per_s"] for r in rows],
             "last_valid_NDCG@20": rows[-1]["valid_NDCG@20"], "wall_s": round(wall, 1)}
 
 
@@ -65,7 +66,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--models", default="sasrec,wearec")
     ap.add_argument("--epochs", type=int, default=3)
-    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1, help="threads / processes to compare (default: all CPUs)")
+    ap.add_argument("--cores", type=int, default=os.cpu_count() or 1,
+                    help="threads / processes to compare (default: all CPUs)")
     ap.add_argument("--out", default="benchmarks/results/distributed_speed")
     args = ap.parse_args()
     n = args.cores

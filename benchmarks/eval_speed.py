@@ -23,7 +23,7 @@ import torch
 from athwe.config import resolve_config
 from athwe.evaluation.metrics import evaluate
 from athwe.models import create_model
-from athwe.training.trainer import load_data
+from athwe.runs import load_data
 from athwe.utils import atomic_write_json, atomic_write_text
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -91,15 +91,19 @@ def main() -> None:
     for loss, v in tp.items():
         print(f"SASRec training on LastFM (N=50, batch 256, hidden 64, {loss}): {v['steps_per_s']} steps/s, "
               f"{v['samples_per_s']} samples/s", flush=True)
-    env = {"torch": torch.__version__, "threads": torch.get_num_threads(), "cpu": platform.processor() or platform.machine()}
+    env = {"torch": torch.__version__, "threads": torch.get_num_threads(),
+           "cpu": platform.processor() or platform.machine()}
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(args.out + ".json", {"command": command, "env": env, "eval": ev, "train": tp})
     atomic_write_text(args.out + ".md",
         f"# Evaluation and training speed\n\nCommand: `{command}` ({env['threads']} threads, torch {env['torch']})\n\n"
         f"| what | figure |\n|---|---|\n"
-        f"| Beauty full-ranking test evaluation ({ev['users']:,} users x {ev['items']:,} items, SASRec size, batch {ev['batch_size']}) "
-        f"| median {ev['seconds_median']:.3f} s, min {ev['seconds_min']:.3f} s over {ev['repeats']} runs (target < 3 s) |\n"
-        + "".join(f"| SASRec training, LastFM, N=50, batch 256, hidden 64, {k} | {v['steps_per_s']} steps/s = {v['samples_per_s']:.0f} samples/s |\n"
+        f"| Beauty full-ranking test evaluation ({ev['users']:,} users x {ev['items']:,} items, SASRec size, "
+        f"batch {ev['batch_size']}) "
+        f"| median {ev['seconds_median']:.3f} s, min {ev['seconds_min']:.3f} s over {ev['repeats']} runs "
+        f"(target < 3 s) |\n"
+        + "".join(f"| SASRec training, LastFM, N=50, batch 256, hidden 64, {k} | {v['steps_per_s']} steps/s = "
+                  f"{v['samples_per_s']:.0f} samples/s |\n"
                   for k, v in tp.items())
         + "\nAnchor: the reference BSARec-code models train LastFM at 4.9-5.0 steps/s on this machine "
           "(specs/published-results.md).\n")

@@ -126,7 +126,8 @@ def text_benchmark(work: Path, batch_size: int) -> dict:
         "gflop_per_s_needed_for_10x": round(10 * flops / single_s / 1e9, 1),
         "matmul_gflop_per_s": round(matmul_gflops(), 1),
         "items_per_s_by_batch_size": scaling,
-        "categories": {"n": int(cat.shape[1]), "vocab": fs.cat_vocab, "items_without": int((genres_per_item == 0).sum()),
+        "categories": {"n": int(cat.shape[1]), "vocab": fs.cat_vocab,
+                       "items_without": int((genres_per_item == 0).sum()),
                        "mean_per_item": round(float(genres_per_item.mean()), 2)},
         "cosine": {
             "share_genre": round(float(sim[shares & off].mean()), 4),
@@ -201,7 +202,8 @@ def main() -> None:
         print(f"text: batched {txt['batched_items_per_s']} items/s vs one at a time {txt['single_items_per_s']} "
               f"items/s ({txt['speedup']}x); cosine share-genre {txt['cosine']['share_genre']} vs none "
               f"{txt['cosine']['no_shared_genre']}", flush=True)
-        img = image_benchmark(work, [("ViT-B-16", "cls", args.b16_images, 16), ("ViT-L-14", "embed", args.l14_images, 8)])
+        img = image_benchmark(work, [("ViT-B-16", "cls", args.b16_images, 16),
+                                     ("ViT-L-14", "embed", args.l14_images, 8)])
     finally:
         shutil.rmtree(work, ignore_errors=True)
     busy1, own1 = busy_cpu_seconds()
@@ -215,22 +217,26 @@ def main() -> None:
     c = txt["cosine"]
     md = (
         f"# Feature extraction speed\n\nCommand: `{command}` ({env['threads']} thread(s), torch {env['torch']}, CPU "
-        f"{env['cpu']}; {env['seconds']} s in all, during which other processes used {env['other_processes_cpu_seconds']} "
+        f"{env['cpu']}; {env['seconds']} s in all, during which other processes used "
+        f"{env['other_processes_cpu_seconds']} "
         f"CPU seconds)\n\n"
         f"## Text: ml-100k, packaged all-MiniLM-L6-v2 (384-d, mean pooling)\n\n"
         f"Text per movie: `{TEMPLATE}`, e.g. \"{txt['example_text']}\".\n\n"
         f"| what | figure |\n|---|---|\n"
         f"| `extract_features` pipeline, {txt['items']:,} items (text + categories, shards, manifest) | "
         f"{txt['pipeline_seconds']} s; text {txt['pipeline_text_items_per_s']} items/s |\n"
-        f"| encoder batched ({txt['batch_size']} per pass, similar lengths together) | {txt['batched_items_per_s']} items/s "
+        f"| encoder batched ({txt['batch_size']} per pass, similar lengths together) | "
+        f"{txt['batched_items_per_s']} items/s "
         f"({txt['batched_seconds']} s) |\n"
         f"| encoder one item per pass (upstream) | {txt['single_items_per_s']} items/s ({txt['single_seconds']} s) |\n"
-        f"| speed-up | **{txt['speedup']}x** (max abs difference between the two: {txt['max_abs_diff_batched_vs_single']:.1e}) |\n"
+        f"| speed-up | **{txt['speedup']}x** (max abs difference between the two: "
+        f"{txt['max_abs_diff_batched_vs_single']:.1e}) |\n"
         f"| encoder items/s by batch size (256 texts) | "
         + ", ".join(f"{bs}: {v}" for bs, v in txt["items_per_s_by_batch_size"].items()) + " |\n"
         f"| categories from genres | {txt['categories']['n']} columns, {txt['categories']['mean_per_item']} per item, "
         f"{txt['categories']['items_without']} items without |\n\n"
-        f"Sanity (mean cosine similarity of item pairs; {c['pairs_share_genre_fraction']:.0%} of pairs share a genre):\n\n"
+        f"Sanity (mean cosine similarity of item pairs; {c['pairs_share_genre_fraction']:.0%} of pairs share "
+        f"a genre):\n\n"
         f"| pairs | rows aligned | rows shifted by one item |\n|---|---|---|\n"
         f"| share a genre | {c['share_genre']} | {c['shifted_by_one_share_genre']} |\n"
         f"| share no genre | {c['no_shared_genre']} | {c['shifted_by_one_no_shared_genre']} |\n"
@@ -244,13 +250,15 @@ def main() -> None:
         f"attention and feed-forward counted from the model config). The batched pass runs it at "
         f"{txt['batched_gflop_per_s']} GFLOP/s; a 10x lead over one item per pass would need "
         f"{txt['gflop_per_s_needed_for_10x']} GFLOP/s, while a large square matrix product (1024 x 1024) runs at "
-        f"{txt['matmul_gflop_per_s']} GFLOP/s on the same threads. Batching removes per-call overhead, not arithmetic, so with "
+        f"{txt['matmul_gflop_per_s']} GFLOP/s on the same threads. Batching removes per-call overhead, "
+        f"not arithmetic, so with "
         f"short texts the ratio is bounded by the hardware; a GPU, with far more arithmetic per call, shows a "
         f"larger one (not measured: this machine has none).\n\n"
         f"## Images: open_clip image towers on CPU (RANDOM weights: throughput only)\n\n"
         f"Demo PNGs (64x64, resized to 224x224); decoding and preprocessing included.\n\n"
         f"| architecture | pooling | dim | images | batch | images/s |\n|---|---|---|---|---|---|\n"
-        + "".join(f"| {r['model']} | {r['pooling']} | {r['dim']} | {r['images']} | {r['batch_size']} | {r['items_per_s']} |\n"
+        + "".join(f"| {r['model']} | {r['pooling']} | {r['dim']} | {r['images']} | {r['batch_size']} | "
+                  f"{r['items_per_s']} |\n"
                   for r in img)
         + "\nWeights are randomly initialised (pretrained weights cannot be downloaded on this machine); a forward "
           "pass costs the same with trained weights. No GPU figure: this machine has none.\n")

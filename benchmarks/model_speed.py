@@ -3,7 +3,7 @@
     python benchmarks/model_speed.py [--models wearec,bsarec] [--max-seq-length 200] [--steps 60]
     python benchmarks/model_speed.py --models fearec --dataset Beauty --set model_args.variant=bsarec
 
-Each model is built with its published LastFM settings (configs/<model>.yaml, datasets: LastFM),
+Each model is built with its published LastFM settings (athwe/configs/<model>.yaml, datasets: LastFM),
 N = --max-seq-length (default 50), batch 256, hidden 64, its configured loss (CE unless the config
 says otherwise), Adam with the configured learning rate, and trained on real LastFM training
 batches (3,646 items; /work/shared/data relative to this checkout). --dataset takes another
@@ -19,10 +19,11 @@ The machine is shared: the load average before and after each model and the rati
 time to wall time are recorded, so a contended measurement can be recognised as such. With
 --with-reference the script also times a plain re-implementation in the reference code's style
 (nn.Dropout, TF-style LayerNorm, head permutes, complex rfft/irfft with torch's own backward, every
-position through every layer, full Q/K/V attention) on the same batches, in windows alternating with ours (ABBA order), so the
-ratio can be read under the same load ("ref-style" rows). --precisions fp32,bf16 times each model
-with train.precision fp32 and bf16 (the step under bfloat16 autocast) the same way, in alternating
-windows, and gives the bf16 rows their speed ratio to fp32 under the same load.
+position through every layer, full Q/K/V attention) on the same batches, in windows alternating
+with ours (ABBA order), so the ratio can be read under the same load ("ref-style" rows).
+--precisions fp32,bf16 times each model with train.precision fp32 and bf16 (the step under
+bfloat16 autocast) the same way, in alternating windows, and gives the bf16 rows their speed
+ratio to fp32 under the same load.
 """
 from __future__ import annotations
 
@@ -159,7 +160,8 @@ class RefStyleModel(nn.Module):
         x = self.drop(self.norm(self.item(ids) + self.pos(torch.arange(n).unsqueeze(0).expand_as(ids))))
         mask = None
         if self.kind == "bsarec":
-            keep = (ids > 0).long().unsqueeze(1).unsqueeze(2) * torch.tril(torch.ones(n, n, dtype=torch.long)).view(1, 1, n, n)
+            keep = ((ids > 0).long().unsqueeze(1).unsqueeze(2)
+                    * torch.tril(torch.ones(n, n, dtype=torch.long)).view(1, 1, n, n))
             mask = (1.0 - keep.float()) * -10000.0
         for mixer, ff in zip(self.mixers, self.ffs):
             x = ff(mixer(x) if mask is None else mixer(x, mask))
@@ -207,7 +209,8 @@ def _stepper(name: str, max_len: int, batch_size: int, ref_style: bool, dataset:
     from athwe.config import resolve_config
     from athwe.models import create_model
     from athwe.models.base import get_entry
-    from athwe.training.trainer import autocast_context, load_data, sample_negatives
+    from athwe.runs import load_data
+    from athwe.training.trainer import autocast_context, sample_negatives
 
     cfg = resolve_config(name, dataset, overrides=overrides, flags={
         "data.data_dir": str(DATA), "data.max_seq_length": max_len, "train.batch_size": batch_size,
@@ -277,7 +280,8 @@ def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: in
         model, cfg, wall = s["model"], s["cfg"], s["wall"]
         timed = per_window * len(s["windows"])
         res = {
-            "model": name + (" (ref-style)" if s["ref_style"] else "") + (" (synthetic features)" if s["features"] is not None else "")
+            "model": name + (" (ref-style)" if s["ref_style"] else "")
+            + (" (synthetic features)" if s["features"] is not None else "")
             + ("" if s["ref_style"] or s["precision"] == "fp32" else f" ({s['precision']})"),
             "precision": "fp32" if s["ref_style"] else s["precision"],
             "params": sum(p.numel() for p in model.parameters()),
@@ -302,8 +306,8 @@ def bench_model(name: str, max_len: int, batch_size: int, steps: int, warmup: in
             "dataset": dataset,
             "overrides": list(overrides or []),
         }
-        anchored = (max_len == 50 and batch_size == 256 and dataset == "LastFM" and not overrides and not s["ref_style"]
-                    and s["precision"] == "fp32")
+        anchored = (max_len == 50 and batch_size == 256 and dataset == "LastFM" and not overrides
+                    and not s["ref_style"] and s["precision"] == "fp32")
         ref = REFERENCE_STEPS_PER_S.get(name) if anchored else None
         if ref:
             res["reference_steps_per_s"] = ref
@@ -351,13 +355,17 @@ def main() -> None:
     ap.add_argument("--max-seconds", type=float, default=60.0,
                     help="stop timing a model after the window that passes this many seconds")
     ap.add_argument("--with-reference", action="store_true",
-                    help="also time a reference-style implementation of wearec/bsarec in windows alternating with ours")
+                    help="also time a reference-style implementation of wearec/bsarec in windows alternating "
+                         "with ours")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch default)")
-    ap.add_argument("--dataset", default="LastFM", help="dataset whose training batches and published settings are used")
-    ap.add_argument("--set", action="append", default=[], help="config override for every model, e.g. model_args.variant=bsarec")
+    ap.add_argument("--dataset", default="LastFM",
+                    help="dataset whose training batches and published settings are used")
+    ap.add_argument("--set", action="append", default=[],
+                    help="config override for every model, e.g. model_args.variant=bsarec")
     ap.add_argument("--precisions", default="fp32",
                     help="comma-separated train.precision values timed in alternating windows, e.g. fp32,bf16")
-    ap.add_argument("--out", default="", help="output stem (default benchmarks/results/model_speed, _n<N> appended for N != 50)")
+    ap.add_argument("--out", default="",
+                    help="output stem (default benchmarks/results/model_speed, _n<N> appended for N != 50)")
     args = ap.parse_args()
     if args.threads > 0:
         torch.set_num_threads(args.threads)
@@ -394,18 +402,25 @@ def main() -> None:
         for r in timed:
             if r is ref:
                 continue
-            ratio = f", {r['ratio_to_reference']:.2f}x the reference's {r['reference_steps_per_s']} steps/s" if "ratio_to_reference" in r else ""
+            ratio = (f", {r['ratio_to_reference']:.2f}x the reference's {r['reference_steps_per_s']} steps/s"
+                     if "ratio_to_reference" in r else "")
             if ref is not None:
-                ratio += (f"; ref-style {ref['steps_per_s']:.2f} steps/s in alternating windows (cpu/wall {ref['cpu_over_wall']}): "
-                          f"{r['ratio_to_ref_style_same_load']:.2f}x (per window pair {r['window_ratios_to_ref_style']})")
+                ratio += (f"; ref-style {ref['steps_per_s']:.2f} steps/s in alternating windows "
+                          f"(cpu/wall {ref['cpu_over_wall']}): "
+                          f"{r['ratio_to_ref_style_same_load']:.2f}x "
+                          f"(per window pair {r['window_ratios_to_ref_style']})")
             if "ratio_to_fp32_same_load" in r:
                 ratio += f"; {r['ratio_to_fp32_same_load']:.2f}x fp32 in alternating windows"
-            print(f"{r['model']:8s} {args.dataset} N={r['max_seq_length']} batch {r['batch_size']} {r['loss']}: {r['steps_per_s']:6.2f} steps/s, "
+            print(f"{r['model']:8s} {args.dataset} N={r['max_seq_length']} batch {r['batch_size']} {r['loss']}: "
+                  f"{r['steps_per_s']:6.2f} steps/s, "
                   f"{r['samples_per_s']:8.0f} samples/s (best window {r['best_window_steps_per_s']}){ratio}; "
-                  f"cpu/wall {r['cpu_over_wall']}, peak RSS {r['peak_rss_mb']} MB, load {r['load_avg_before']} -> {r['load_avg_after']}"
-                  f"{'  [CONTENDED: another job shared the cores; a lower bound]' if r['contended'] else ''}", flush=True)
+                  f"cpu/wall {r['cpu_over_wall']}, peak RSS {r['peak_rss_mb']} MB, "
+                  f"load {r['load_avg_before']} -> {r['load_avg_after']}"
+                  f"{'  [CONTENDED: another job shared the cores; a lower bound]' if r['contended'] else ''}",
+                  flush=True)
 
-    stem = args.out or ("benchmarks/results/model_speed" + ("" if args.max_seq_length == 50 else f"_n{args.max_seq_length}"))
+    stem = args.out or ("benchmarks/results/model_speed"
+                        + ("" if args.max_seq_length == 50 else f"_n{args.max_seq_length}"))
     Path(stem).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(stem + ".json", {"command": command, "env": env, "results": results, "failures": failures,
                                        "import_errors": import_errors})
@@ -420,7 +435,9 @@ def main() -> None:
         "loss, backward, optimiser step. Reference anchors (the reference code on this machine, idle, N=50): "
         "WEARec 5.0, BSARec 4.9 steps/s.",
         "",
-        "| model | params | loss | steps/s | samples/s | best window | vs reference (5.0 / 4.9 idle; ref-style or fp32 same load) | cpu/wall | peak RSS MB | load avg before -> after |",
+        "| model | params | loss | steps/s | samples/s | best window "
+        "| vs reference (5.0 / 4.9 idle; ref-style or fp32 same load) "
+        "| cpu/wall | peak RSS MB | load avg before -> after |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in results:
@@ -433,7 +450,8 @@ def main() -> None:
             parts.append(f"{r['ratio_to_fp32_same_load']:.2f}x fp32 same load")
         ratio = "; ".join(parts)
         flag = " (contended)" if r["contended"] else ""
-        lines.append(f"| {r['model']} | {r['params']:,} | {r['loss']} | {r['steps_per_s']:.2f}{flag} | {r['samples_per_s']:.0f} | "
+        lines.append(f"| {r['model']} | {r['params']:,} | {r['loss']} | {r['steps_per_s']:.2f}{flag} | "
+                     f"{r['samples_per_s']:.0f} | "
                      f"{r['best_window_steps_per_s']:.2f} | {ratio} | {r['cpu_over_wall']} | {r['peak_rss_mb']} | "
                      f"{r['load_avg_before']} -> {r['load_avg_after']} |")
     for name, err in {**failures, **{k: v for k, v in import_errors.items()}}.items():
@@ -448,10 +466,11 @@ def main() -> None:
                   "with the fp32 row of the same model. Its speed-up depends on the CPU's bfloat16 support "
                   "(AMX, AVX-512 BF16); without it bf16 can be slower than fp32."]
     if any("synthetic features" in r["model"] for r in results):
-        lines += ["", f"(synthetic features): {args.dataset} has no extracted item text or images here, so multimodal models are timed on "
+        lines += ["", f"(synthetic features): {args.dataset} has no extracted item text or images here, "
+                  "so multimodal models are timed on "
                   "random 768-d text and image tables and 20 random categories of the catalogue's size (ID + text + "
                   "image, the model's full configuration). Speed only; their quality on real features is in "
-                  "benchmarks/results/athwe_ml100k.md."]
+                  "benchmarks/results/athwe_ml100k_content_routing.md."]
     atomic_write_text(stem + ".md", "\n".join(lines) + "\n")
 
 

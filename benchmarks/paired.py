@@ -63,7 +63,7 @@ def test_ranks(run_dir: str | Path, stored: Stored | None = None) -> tuple[torch
     if cache.is_file() and cache.stat().st_mtime >= best.stat().st_mtime:
         saved = torch.load(cache, weights_only=True)
         return saved["users"], saved["ranks"]
-    from athwe.training.trainer import evaluate_run_rows
+    from athwe.runs import evaluate_run_rows
 
     _, users, ranks = evaluate_run_rows(run, "test")
     atomic_torch_save({"users": users, "ranks": ranks}, cache)

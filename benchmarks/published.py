@@ -5,18 +5,26 @@ keyed by (dataset, model); each table holds figures for one sequence length N.""
 PUBLISHED = {
     ("LastFM", "sasrec"): {"HR@10": .0633, "HR@20": .0927, "NDCG@10": .0355, "NDCG@20": .0429},
     # the FEARec rows come from the BSARec code's FEARec port (model_args.variant=bsarec)
-    ("LastFM", "fearec"): [({"variant": "bsarec"}, {"HR@10": .0587, "HR@20": .0826, "NDCG@10": .0354, "NDCG@20": .0414})],
-    ("LastFM", "bsarec"): {"HR@5": .0523, "HR@10": .0807, "HR@20": .1174, "NDCG@5": .0344, "NDCG@10": .0435, "NDCG@20": .0526},
-    ("LastFM", "wearec"): {"HR@5": .0505, "HR@10": .0899, "HR@20": .1202, "NDCG@5": .0341, "NDCG@10": .0465, "NDCG@20": .0543},
+    ("LastFM", "fearec"): [({"variant": "bsarec"},
+                            {"HR@10": .0587, "HR@20": .0826, "NDCG@10": .0354, "NDCG@20": .0414})],
+    ("LastFM", "bsarec"): {"HR@5": .0523, "HR@10": .0807, "HR@20": .1174,
+                           "NDCG@5": .0344, "NDCG@10": .0435, "NDCG@20": .0526},
+    ("LastFM", "wearec"): {"HR@5": .0505, "HR@10": .0899, "HR@20": .1202,
+                           "NDCG@5": .0341, "NDCG@10": .0465, "NDCG@20": .0543},
     ("Beauty", "sasrec"): {"HR@10": .0531, "HR@20": .0823, "NDCG@10": .0283, "NDCG@20": .0356},
-    ("Beauty", "fearec"): [({"variant": "bsarec"}, {"HR@10": .0982, "HR@20": .1352, "NDCG@10": .0601, "NDCG@20": .0694})],
-    ("Beauty", "bsarec"): {"HR@5": .0736, "HR@10": .1008, "HR@20": .1373, "NDCG@5": .0523, "NDCG@10": .0611, "NDCG@20": .0703},
-    ("Beauty", "wearec"): {"HR@5": .0738, "HR@10": .1041, "HR@20": .1391, "NDCG@5": .0516, "NDCG@10": .0614, "NDCG@20": .0703},
+    ("Beauty", "fearec"): [({"variant": "bsarec"},
+                            {"HR@10": .0982, "HR@20": .1352, "NDCG@10": .0601, "NDCG@20": .0694})],
+    ("Beauty", "bsarec"): {"HR@5": .0736, "HR@10": .1008, "HR@20": .1373,
+                           "NDCG@5": .0523, "NDCG@10": .0611, "NDCG@20": .0703},
+    ("Beauty", "wearec"): {"HR@5": .0738, "HR@10": .1041, "HR@20": .1391,
+                           "NDCG@5": .0516, "NDCG@10": .0614, "NDCG@20": .0703},
 }
 # The reference code run on this machine (CPU), LastFM, README settings, seed 42.
 REFERENCE_HERE = {
-    ("LastFM", "wearec"): {"HR@5": .0477, "HR@10": .0688, "HR@20": .1128, "NDCG@5": .0322, "NDCG@10": .0391, "NDCG@20": .0501},
-    ("LastFM", "bsarec"): {"HR@5": .0468, "HR@10": .0661, "HR@20": .1055, "NDCG@5": .0345, "NDCG@10": .0408, "NDCG@20": .0507},
+    ("LastFM", "wearec"): {"HR@5": .0477, "HR@10": .0688, "HR@20": .1128,
+                           "NDCG@5": .0322, "NDCG@10": .0391, "NDCG@20": .0501},
+    ("LastFM", "bsarec"): {"HR@5": .0468, "HR@10": .0661, "HR@20": .1055,
+                           "NDCG@5": .0345, "NDCG@10": .0408, "NDCG@20": .0507},
 }
 # WEARec README, long-sequence update (N=200), LastFM: the entry of the reference repository's
 # N=200 results log (src/results_log/result_200_all.txt) for dropout 0.5, lr 1e-3, alpha 0.1,

@@ -45,7 +45,8 @@ def main() -> None:
                 runs = []
                 for seed in [int(s) for s in args.seeds.split(",")]:
                     cfg = resolve_config(model, dataset, overrides=args.set, flags={
-                        "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed, "train.runs_dir": args.runs_dir})
+                        "data.data_dir": args.data_dir, "train.loss": loss, "train.seed": seed,
+                        "train.runs_dir": args.runs_dir})
                     if args.report_only:
                         done = finished_run(cfg.to_dict(), args.runs_dir)
                         if done is None and earlier:
@@ -57,9 +58,12 @@ def main() -> None:
                             print(f"{model} {dataset} {loss} seed {seed}: no finished run, left out", flush=True)
                             continue
                     else:
-                        done = run_or_reuse(cfg, args.fresh, epoch_printer(f"{model} {dataset} {loss} seed {seed}", args.quiet))
+                        done = run_or_reuse(cfg, args.fresh,
+                                            epoch_printer(f"{model} {dataset} {loss} seed {seed}", args.quiet))
                     runs.append({**done, "seed": seed})
-                    print(json.dumps({k: runs[-1][k] for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}), flush=True)
+                    print(json.dumps({k: runs[-1][k]
+                                      for k in ("seed", "wall_s", "best_epoch", "epochs", "samples_per_s")}),
+                          flush=True)
                     # rewrite the tables after every run, so an interrupted benchmark keeps what finished
                     write(args.out, command, rows + [{"dataset": dataset, "model": model, "loss": loss, "runs": runs}],
                           args.report_only)
@@ -80,11 +84,13 @@ def run_or_reuse(cfg, fresh: bool, printer=lambda s: None) -> dict:
 def write(out: str, command: str, rows: list[dict], report_only: bool = False) -> None:
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(out + ".json", {"command": command, "report_only": report_only, "rows": rows})
-    lines = [f"# Reproduction: {', '.join(sorted({r['model'] for r in rows}))} on {', '.join(sorted({r['dataset'] for r in rows}))}", "",
+    lines = [f"# Reproduction: {', '.join(sorted({r['model'] for r in rows}))} on "
+             f"{', '.join(sorted({r['dataset'] for r in rows}))}", "",
              command_line(command, report_only), "",
              "Full ranking over all items, chronological leave-one-out, one target per user; "
              "ties count items scored strictly higher; padding excluded.", "",
-             "| dataset | model | loss | preset / history / N | seeds | " + " | ".join(METRICS) + " | best epoch | epochs | samples/s | wall s |",
+             "| dataset | model | loss | preset / history / N | seeds | " + " | ".join(METRICS)
+             + " | best epoch | epochs | samples/s | wall s |",
              "|---" * (9 + len(METRICS)) + "|"]
     notes: set[str] = set()
     for r in rows:
@@ -93,14 +99,16 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
         cells = []
         for m in METRICS:
             vals = [x["test"][m] for x in runs]
-            cells.append(f"{statistics.mean(vals):.4f}" + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
+            cells.append(f"{statistics.mean(vals):.4f}"
+                         + (f" ± {statistics.stdev(vals):.4f}" if len(vals) > 1 else ""))
         n = runs[0]["config"]["data"]["max_seq_length"]
         model_args = runs[0]["config"].get("model_args") or {}
         variant = model_args.get("variant")
         name = f"{r['model']} ({variant} variant)" if variant else r["model"]
         lines.append(f"| {r['dataset']} | {name} | {r['loss']} | {h['preset']} / {h['history']} / {n} | "
                      f"{seeds_cell(runs)} | " + " | ".join(cells) +
-                     f" | {','.join(str(x['best_epoch']) for x in runs)} | {','.join(str(x['epochs']) for x in runs)} | "
+                     f" | {','.join(str(x['best_epoch']) for x in runs)} | "
+                     f"{','.join(str(x['epochs']) for x in runs)} | "
                      f"{speed_cell(runs)} | {sum(x['wall_s'] for x in runs):.0f}"
                      f"{'*' if any(x.get('wall_s_is_train_s') for x in runs) else ''} |")
         means = {m: statistics.mean(x["test"][m] for x in runs) for m in METRICS}

@@ -82,7 +82,8 @@ def main() -> None:
 
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sizes", default="12000,100000,1000000")
-    ap.add_argument("--dim", type=int, default=64, help="vector width (SASRec-size models: 64; ATHWE with 3 modalities: 192)")
+    ap.add_argument("--dim", type=int, default=64,
+                    help="vector width (SASRec-size models: 64; ATHWE with 3 modalities: 192)")
     ap.add_argument("--kinds", default="flat,hnsw,ivfpq")
     ap.add_argument("--single", type=int, default=300, help="single-user searches timed per index")
     ap.add_argument("--batch", type=int, default=1024, help="queries per batch call")
@@ -133,7 +134,8 @@ def write(args: argparse.Namespace, command: str, rows: list[dict]) -> None:
     lines = ["# Retrieval: exact vs HNSW vs IVF-PQ", "", f"Command: `{command}`", "",
              f"faiss {env['faiss']}, {env['cpus']} CPUs ({env['machine']}), FAISS threads: {env['threads']}. "
              f"Clustered synthetic item vectors (Zipf-sized Gaussian clusters, popularity-like norms), {args.dim}-d, "
-             f"inner product, k={K}. Single-user latency: one query per call on one thread, as `athwe retrieve --user` runs it ({args.single} calls); throughput: "
+             f"inner product, k={K}. Single-user latency: one query per call on one thread, "
+             f"as `athwe retrieve --user` runs it ({args.single} calls); throughput: "
              f"{args.batch} queries per call. Recall@10 is against the exact index. Knobs are the defaults of "
              f"`athwe index` (`auto` picks exact up to {EXACT_MAX_ITEMS:,} items, IVF-PQ above). "
              f"Load average before/after: {env['load_avg_before']} / {env['load_avg_after']} "

@@ -33,7 +33,6 @@ import yaml
 
 from athwe.errors import ConfigError
 from athwe.models import resolved_model_args, unused_model_keys
-from athwe.training.trainer import feature_changes
 from athwe.utils import atomic_write_json, hash_file
 
 #: (section, key) pairs that do not change what a run computes
@@ -199,9 +198,6 @@ def finished(run: Path) -> dict[str, Any] | None:
               "config": yaml.safe_load((run / "config.yaml").read_text()),
               "wall_s": res["train_seconds"], "wall_s_is_train_s": True}
     record["threads"] = epoch_threads(run, record["config"])
-    changes = feature_changes(run)
-    if changes:
-        record["feature_changes"] = changes
     path = run / BENCH_FILE
     if path.is_file():
         saved = json.loads(path.read_text())
@@ -254,7 +250,7 @@ def epoch_threads(run: Path, cfg: Any) -> list[list[int]]:
     """The CPU threads a run's epochs trained on, as [threads, epochs] stretches in epoch order
     (a run resumed with another thread count has two). Epoch records from before the count was
     recorded take the run config's train.num_threads (0: torch's default, count unknown)."""
-    from athwe.training.trainer import read_metrics
+    from athwe.runs import read_metrics
 
     train = cfg.get("train") if isinstance(cfg, dict) else None
     default = int((train or {}).get("num_threads") or 0)
@@ -320,11 +316,7 @@ def train_or_reuse(cfg: Any, fresh: bool = False, log: Callable[[str], None] = p
     t0 = time.perf_counter()
     if found is not None and (found / "last.pt").is_file():
         log(f"resuming {found}")
-        # find_run matched the data fingerprint, which leaves out the float embeddings' checksums
-        # (FINGERPRINT_SCHEME 4): features extracted again with the same model and settings on
-        # another machine are the same data here, so the run goes on on them (recorded in the run)
-        resume(found, printer=printer, progress=False, num_threads=cfg.train.num_threads or None,
-               allow_new_features=True)
+        resume(found, printer=printer, progress=False, num_threads=cfg.train.num_threads or None)
         return found, "resumed", time.perf_counter() - t0
     run_dir, _ = train(cfg, printer=printer, progress=False)
     return run_dir, "trained", time.perf_counter() - t0
@@ -401,4 +393,5 @@ def training_command(argv: list[str] | None = None) -> str:
 
 def command_line(command: str, report_only: bool) -> str:
     """A result table's "Command:" line."""
-    return f"Command: `{command}`" + (" (this table: its finished runs, read back with --report-only)" if report_only else "")
+    return f"Command: `{command}`" + (" (this table: its finished runs, read back with --report-only)"
+                                      if report_only else "")

@@ -71,8 +71,10 @@ def write_random_features(dataset_dir: Path, item_tokens: list[str], seed: int =
     fs = random_features(len(item_tokens) - 1, seed=seed)
     folder = features_dir(dataset_dir)
     folder.mkdir(parents=True, exist_ok=True)
-    manifest = {"version": 1, "item_map": {"fingerprint": fingerprint_tokens(item_tokens), "n_items": len(item_tokens) - 1}}
-    for key, fname, t, mask in (("text", TEXT_FILE, fs.text, fs.text_mask), ("image", IMAGE_FILE, fs.image, fs.image_mask),
+    manifest = {"version": 1,
+                "item_map": {"fingerprint": fingerprint_tokens(item_tokens), "n_items": len(item_tokens) - 1}}
+    for key, fname, t, mask in (("text", TEXT_FILE, fs.text, fs.text_mask),
+                                ("image", IMAGE_FILE, fs.image, fs.image_mask),
                                 ("cat", CAT_FILE, fs.cat, None)):
         torch.save(t, folder / fname)
         entry = {"status": "ok", "file": fname, "dim": int(t.shape[1])}

@@ -16,8 +16,9 @@ from athwe.config import resolve_config
 from athwe.dataset.sequences import load_sequences
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
-from athwe.models import create_model, unused_model_keys
-from athwe.models.athwe import SKETCH_DIRECTIONS, ATHWE, WaveletAlign, fingerprint_text, tcl_mask, time_buckets
+from athwe.models import create_model, resolved_model_args, unused_model_keys
+from athwe.models.athwe import ATHWE, WaveletAlign, fingerprint_text, tcl_mask, time_buckets
+from athwe.runs import evaluate_run
 from athwe.training import trainer as tr
 from conftest import random_features, write_random_features, write_tiny_dataset
 
@@ -54,7 +55,8 @@ def batch(n: int = N, seed: int = 1, lengths: list[int] | None = None) -> Batch:
 
 
 def no_grad_params(model) -> list[str]:
-    return [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+    return [n for n, p in model.named_parameters()
+            if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
 
 
 # -- parameters, gradients, state --------------------------------------------------------------
@@ -133,38 +135,31 @@ def _refeatured(change, fingerprint: str = "test-again"):
     return feats
 
 
-def test_features_extracted_again_load_by_their_sketch_and_changed_ones_do_not():
-    """A checkpoint keeps a sketch of its features' values: features under another fingerprint whose
-    values agree to within the tolerance (another CPU's last bits) load, with a warning; a changed
-    item row, a changed mask or category, or a checkpoint without a sketch are refused."""
+def test_checkpoint_loads_only_onto_its_own_features():
+    """A state dict records its features' fingerprint: features under another fingerprint are refused
+    with one line naming both, even when their values agree to the last bits; the feature sketch
+    that older checkpoints carry is dropped, so they load onto their own features."""
     state = make().state_dict()
-    assert state["feature_sketch"].shape == (N_ITEMS + 1, 3 * (SKETCH_DIRECTIONS + 1))
+    assert "feature_sketch" not in state and fingerprint_text(state["feature_fingerprint"]) == "test-0-30"
 
     def last_bits(f):
         f.text[1::3, ::2] = torch.nextafter(f.text[1::3, ::2], torch.tensor(math.inf))
-        f.image += 1e-6 * f.image_mask.unsqueeze(1)
     again = make(features=_refeatured(last_bits))
-    assert again.same_features_as(state)
-    with pytest.warns(UserWarning, match="agree with them to within 0.0001 on every item"):
+    with pytest.raises(AthweError) as e:
         again.load_state_dict(dict(state))
+    msg = str(e.value)
+    assert len(msg.splitlines()) == 1 and "test-0-30" in msg and "test-again" in msg
+    assert "produced differently (other extractor, settings, items or texts)" in msg
+    assert "re-extract them with the run's settings, or train a new run" in msg
     assert fingerprint_text(again.feature_fingerprint) == "test-again"  # the model keeps its own features
-
-    def one_row(f):
-        f.text[5] += 0.01
-    def one_mask(f):
-        f.image_mask[4] = False
-        f.image[4] = 0.0
-    def one_category(f):
-        f.cat[6, (6 + 1) % f.cat.shape[1]] = 1.0 - f.cat[6, (6 + 1) % f.cat.shape[1]]
-    for change in (one_row, one_mask, one_category):
-        model = make(features=_refeatured(change))
-        assert not model.same_features_as(state), change.__name__
-        with pytest.raises(AthweError, match="extracted again since"):
-            model.load_state_dict(dict(state))
-    old = {k: v for k, v in state.items() if k != "feature_sketch"}  # saved before sketches were kept
-    with pytest.raises(AthweError, match="extracted again since"):
+    old = {**state, "feature_sketch": torch.zeros(N_ITEMS + 1, 12)}  # saved while sketches were kept
+    model = make(seed=4).eval()
+    model.load_state_dict(dict(old))
+    b = batch()
+    with torch.no_grad():
+        torch.testing.assert_close(model.scores(b), make().eval().scores(b), rtol=0, atol=0)
+    with pytest.raises(AthweError, match="produced differently"):
         make(features=_refeatured(last_bits)).load_state_dict(dict(old))
-    make().load_state_dict(dict(old))  # on its own features it loads as before
 
 
 # -- contract ----------------------------------------------------------------------------------
@@ -271,10 +266,33 @@ def test_tcl_replaces_the_masked_positions_in_the_model():
     args = {"hidden_dropout": 0.0, "attn_dropout": 0.0}
     for beta, same in ((0.0, True), (0.5, False)):
         model = make({**args, "beta": beta}).eval()
-        st = model._forward(b, with_tcl=True)
+        st = model(b.input_ids, b.timestamps, with_tcl=True)
         for m in ("text", "image"):
             assert torch.allclose(st.seq[m], st.augmented[m]) == same
         assert "id" not in st.augmented
+
+
+def test_loss_is_the_ranking_loss_plus_the_weighted_terms_of_one_forward_pass():
+    from athwe.models.athwe import info_nce
+    from athwe.models.layers import ranking_loss
+
+    model = make({"phcl_weight": 2.0, "diversity_weight": 0.5, "cp_weight": 0.7, "cluster_weight": 0.3,
+                  "idcl_weight": 1.5}).train()
+    b = batch()
+    torch.manual_seed(3)
+    total = model.loss(b)
+    torch.manual_seed(3)  # the same dropout draws and temporal-contrast positions
+    out = model(b.input_ids, b.timestamps, with_tcl=True)
+    c = model.config
+    assert sorted(out.augmented) == ["image", "text"] and out.diversity is not None
+    tcl = torch.stack([info_nce(out.seq[m], out.augmented[m], b.target, 1.0) for m in ("text", "image")]).mean()
+    terms = [ranking_loss(out.query, out.items, b.target, b.neg, "ce"),
+             1.5 * info_nce(out.seq["id"], model.item_embedding(b.target), b.target, c.temperature),
+             0.7 * model.category_loss(out.ids, out.items)[0],
+             0.3 * model.cluster_loss(out.ids, out.tables)[0],
+             2.0 * tcl, 0.5 * out.diversity]
+    assert all(t > 0 for t in terms)
+    torch.testing.assert_close(total, sum(terms), rtol=1e-6, atol=1e-6)
 
 
 def test_id_contrastive_leaves_same_target_rows_out_of_the_denominator():
@@ -294,7 +312,8 @@ def test_id_contrastive_leaves_same_target_rows_out_of_the_denominator():
 # -- time and wavelets -------------------------------------------------------------------------
 def test_time_buckets_follow_the_spec():
     gaps = [DAY, 7 * DAY, 30 * DAY, 365 * DAY, -5.0]
-    ts = torch.tensor([[0.0, 0.0, 1.6e9] + [1.6e9 + sum(gaps[:k + 1]) for k in range(4)] + [1.6e9 + sum(gaps[:4]) - 5.0]])
+    ts = torch.tensor([[0.0, 0.0, 1.6e9] + [1.6e9 + sum(gaps[:k + 1]) for k in range(4)]
+                       + [1.6e9 + sum(gaps[:4]) - 5.0]])
     ids = torch.tensor([[0, 0, 1, 2, 3, 4, 5, 6]])
     got = time_buckets(ts, ids > 0, 200, 1.5e7)
     assert got.tolist() == [[0, 0, 0, 1, 8, 32, 176, 0]]  # padding 0; first item dt=1 -> 0; negative gap -> 0
@@ -365,7 +384,8 @@ def test_auto_time_scale_is_a_high_quantile_of_the_positive_gaps_and_is_saved_wi
 def test_wavelet_alignment_at_any_length(n):
     fusion = WaveletAlign(3, 8, 4, "db4", [0.1, 1.0, 1.0], 0.5)
     analysis, synthesis, sizes = fusion.operators(n, torch.device("cpu"), torch.float64)
-    torch.testing.assert_close(analysis @ synthesis, torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)  # perfect reconstruction
+    # perfect reconstruction
+    torch.testing.assert_close(analysis @ synthesis, torch.eye(n, dtype=torch.float64), atol=1e-6, rtol=0)
     x = torch.randn(2, n, 3, 8)
     # the matrix form equals pytorch-wavelets' transforms applied directly
     b, _, m, h = x.shape
@@ -442,7 +462,7 @@ def test_cpu_training_run_and_reload(tmp_path):
     write_random_features(data / "tiny", load_sequences(data, "tiny", kcore=cfg.data.kcore).item_tokens)
     run, results = tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
     assert results["epochs_run"] == 2 and 0.0 <= results["test"]["NDCG@10"] <= 1.0
-    again = tr.evaluate_run(run)
+    again = evaluate_run(run)
     assert again["test"] == pytest.approx(results["test"])
     state = torch.load(run / "best.pt", weights_only=True)
     assert "moe.experts" in state and "moe.shared" in state
@@ -453,107 +473,7 @@ def test_cpu_training_run_and_reload(tmp_path):
     run, results = tr.train(auto, run_dir=tmp_path / "auto", printer=heard.append, progress=False)
     scale = float(torch.load(run / "best.pt", weights_only=True)["time_scale_s"])
     assert 0.0 < scale < 1e12 and any("time_scale auto = " in line for line in heard)
-    assert tr.evaluate_run(run)["test"] == pytest.approx(results["test"])
-
-
-def _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs: int):
-    """A tiny ATHWE run in tmp_path/run on random features, stopped during epoch 2 (epoch 1's
-    checkpoints written); returns (data folder, feature folder)."""
-    from conftest import train_dies_in_epoch
-
-    data = write_tiny_dataset(tmp_path / "data")
-    flags = {"data.data_dir": str(data), "data.max_seq_length": 8, "train.epochs": epochs, "train.batch_size": 64,
-             "train.runs_dir": str(tmp_path / "runs"), "train.device": "cpu"}
-    overrides = [f"model_args.{k}={json.dumps(v)}" for k, v in SMALL.items()]
-    cfg = resolve_config("athwe", "tiny", overrides=overrides, flags=flags)
-    tokens = load_sequences(data, "tiny", kcore=cfg.data.kcore).item_tokens
-    folder = write_random_features(data / "tiny", tokens)
-    undo = train_dies_in_epoch(monkeypatch, 1)
-    with pytest.raises(KeyboardInterrupt):
-        tr.train(cfg, run_dir=tmp_path / "run", printer=lambda s: None, progress=False)
-    undo()
-    return data, folder
-
-
-def test_resume_on_features_extracted_again(tmp_path, monkeypatch):
-    """Checkpoints without a feature sketch (saved before sketches were kept), features extracted again (here: the text table moved by one float step in some entries, as
-    another CPU gives) change the fingerprint: resuming onto them is refused with a one-line hint,
-    goes on with allow_new_features (recorded in features.json), the checkpoints from before the
-    change still load for the final and later evaluations, and a third feature set is refused."""
-    from athwe.feature_extraction.store import TEXT_FILE, features_dir
-
-    data, folder = _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs=3)
-    for name in ("best.pt", "last.pt"):  # checkpoints saved before feature sketches were kept
-        ckpt = torch.load(tmp_path / "run" / name, weights_only=True)
-        state = ckpt["model"] if name == "last.pt" else ckpt
-        del state["feature_sketch"]
-        torch.save(ckpt, tmp_path / "run" / name)
-    early = torch.load(tmp_path / "run" / "best.pt", weights_only=True)  # epoch 1's, on the first features
-    text = torch.load(folder / TEXT_FILE)
-    bumped = text.clone()
-    bumped[1::3, ::2] = torch.nextafter(bumped[1::3, ::2], torch.tensor(math.inf))
-    torch.save(bumped, folder / TEXT_FILE)
-    with pytest.raises(AthweError, match="--allow-new-features") as e:
-        tr.resume(tmp_path / "run", printer=lambda s: None, progress=False)
-    assert len(str(e.value).splitlines()) == 1 and not (tmp_path / "run" / tr.FEATURES_FILE).exists()
-    heard: list[str] = []
-    results = tr.resume(tmp_path / "run", printer=heard.append, progress=False, allow_new_features=True)
-    assert results["epochs_run"] == 3
-    changes = tr.feature_changes(tmp_path / "run")
-    assert [c["after_epoch"] for c in changes] == [1] and changes[0]["from"] != changes[0]["to"]
-    assert any(line.startswith("note: continuing on item features") for line in heard)
-    fp = tr._saved_feature_fingerprint
-    assert fp(torch.load(tmp_path / "run" / "last.pt", weights_only=True)["model"]) == changes[0]["to"]
-    assert fp(early) == changes[0]["from"]
-    # best.pt (either fingerprint) gives the training's own test figures; epoch 1's loads as well
-    assert tr.evaluate_run(tmp_path / "run")["test"] == pytest.approx(results["test"])
-    torch.save(early, tmp_path / "run" / "best.pt")
-    assert 0.0 <= tr.evaluate_run(tmp_path / "run")["test"]["NDCG@10"] <= 1.0
-    torch.save(text + 0.5, folder / TEXT_FILE)  # features the run never saw
-    with pytest.raises(AthweError, match="extracted again since"):
-        tr.evaluate_run(tmp_path / "run")
-    (tmp_path / "run" / tr.FEATURES_FILE).write_text("{not json")
-    with pytest.raises(AthweError, match="features.json: unreadable"):
-        tr.evaluate_run(tmp_path / "run")
-    assert features_dir(data / "tiny") == folder
-
-
-def test_resume_on_features_that_match_the_sketch_needs_no_flag(tmp_path, monkeypatch):
-    """A run whose checkpoints keep a feature sketch resumes on features extracted again (last bits
-    moved) without --allow-new-features, records the change and says why; features with one item's
-    text changed are still refused."""
-    from athwe.feature_extraction.store import TEXT_FILE
-
-    data, folder = _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs=2)
-    text = torch.load(folder / TEXT_FILE)
-    changed = text.clone()
-    changed[3] += 0.01
-    torch.save(changed, folder / TEXT_FILE)
-    with pytest.raises(AthweError, match="--allow-new-features"):
-        tr.resume(tmp_path / "run", printer=lambda s: None, progress=False)
-    torch.save(torch.nextafter(text, torch.tensor(math.inf)) * (text != 0), folder / TEXT_FILE)
-    heard: list[str] = []
-    results = tr.resume(tmp_path / "run", printer=heard.append, progress=False)
-    assert results["epochs_run"] == 2
-    assert [c["after_epoch"] for c in tr.feature_changes(tmp_path / "run")] == [1]
-    assert any("agree with the checkpoint's to within 0.0001 on every item" in line for line in heard), heard
-
-
-def test_cli_evaluates_a_run_on_features_extracted_again_with_a_one_line_warning(tmp_path, monkeypatch):
-    from typer.testing import CliRunner
-
-    from athwe.cli import app
-    from athwe.feature_extraction.store import TEXT_FILE
-
-    data, folder = _athwe_run_stopped_in_epoch_2(tmp_path, monkeypatch, epochs=2)
-    tr.resume(tmp_path / "run", printer=lambda s: None, progress=False)
-    text = torch.load(folder / TEXT_FILE)
-    torch.save(torch.nextafter(text, torch.tensor(math.inf)) * (text != 0), folder / TEXT_FILE)
-    res = CliRunner().invoke(app, ["evaluate", "--run", str(tmp_path / "run"), "--json"])
-    assert res.exit_code == 0, res.output
-    lines = res.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("warning: athwe: the checkpoint was trained on features"), lines
-    assert json.loads(res.stdout)["test"] == json.loads((tmp_path / "run" / "results.json").read_text())["test"]
+    assert evaluate_run(run)["test"] == pytest.approx(results["test"])
 
 
 def test_training_after_a_first_call_in_inference_mode():
@@ -571,8 +491,9 @@ def test_athwe_demo_and_reference_settings():
     assert cfg.model_args["modalities"] == ["id", "text"]  # the demo's images need CLIP weights offline
     ref = resolve_config("athwe", "Home_and_Kitchen")
     assert (ref.data.kcore, ref.train.batch_size, ref.train.epochs, ref.train.patience) == (5, 1024, 20, 30)
-    assert ref.model_args["modalities"] == ["id", "text", "image"] and ref.model_args["moe_topk"] == 6
-    assert ref.model_args["time_routing"] is True and cfg.model_args["time_routing"] is True
+    ref_args, demo_args = (resolved_model_args("athwe", c.model_args) for c in (ref, cfg))  # dataclass defaults in
+    assert ref_args["modalities"] == ["id", "text", "image"] and ref_args["moe_topk"] == 6
+    assert ref_args["time_routing"] is True and demo_args["time_routing"] is True
     # ml-100k routes on content with the auto time scale (chosen on validation NDCG@10)
     # the ID-only baselines on the mission's dataset share ATHWE's protocol, split and item map
     for name in ("sasrec", "wearec", "bsarec", "fearec", "asrec"):

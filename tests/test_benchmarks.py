@@ -96,7 +96,8 @@ def test_athwe_runs_without_experts_match_whatever_their_expert_routing(tmp_path
     run = _run(tmp_path, "no_moe", cfg("model_args.moe=false", "model_args.time_routing=true"), True, 0)
     # with the experts off their routing and sizes build nothing, so the run stands for either routing
     assert find_run(cfg("model_args.moe=false", "model_args.time_routing=false"), tmp_path) == run
-    assert find_run(cfg("model_args.moe=false", "model_args.routed_experts=4", "model_args.moe_topk=2"), tmp_path) == run
+    assert find_run(cfg("model_args.moe=false", "model_args.routed_experts=4", "model_args.moe_topk=2"),
+                    tmp_path) == run
     assert find_run(cfg("model_args.moe=false", "model_args.wavelet=false"), tmp_path) is None
     routed = _run(tmp_path, "moe", cfg("model_args.time_routing=true"), True, 0)
     assert find_run(cfg("model_args.time_routing=true"), tmp_path) == routed
@@ -210,9 +211,10 @@ def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monke
     from run_cache import record_of, train_or_reuse
 
     def cfg(seed):
-        return resolve_config("sasrec", "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()], flags={
-            "data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"), "data.max_seq_length": 8,
-            "train.batch_size": 32, "train.epochs": 3, "train.seed": seed})
+        return resolve_config("sasrec", "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()],
+                              flags={"data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"),
+                                     "data.max_seq_length": 8, "train.batch_size": 32, "train.epochs": 3,
+                                     "train.seed": seed})
 
     heard: list[str] = []
     lines: list[str] = []
@@ -221,7 +223,8 @@ def test_train_or_reuse_trains_reuses_and_resumes(tiny_data_dir, tmp_path, monke
     assert sum(line.startswith("epoch ") for line in lines) == 3  # the trainer's line per epoch
     rec = record_of(run, how, secs, {"peak_rss_mb": 1.0})
     assert rec["wall_s"] == round(secs, 1) and rec["peak_rss_mb"] == 1.0 and rec["data_fingerprint"]
-    assert train_or_reuse(cfg(1), log=heard.append) == (run, "reused", 0.0) and heard == [f"reusing finished run {run}"]
+    assert (train_or_reuse(cfg(1), log=heard.append) == (run, "reused", 0.0)
+            and heard == [f"reusing finished run {run}"])
     assert record_of(run, "reused", 0.0)["peak_rss_mb"] == 1.0  # a reused run's record is left as it was
     assert train_or_reuse(cfg(1), fresh=True, log=heard.append)[0] != run
 
@@ -305,14 +308,16 @@ def test_reproduction_tables_compare_at_the_same_sequence_length():
     assert at_01[0][1]["HR@10"] == .0972 and at_01[0][1]["NDCG@10"] == .0556
     at_03 = comparisons("LastFM", "wearec", 200, "ce", {"alpha": 0.3, "num_heads": 2})
     assert [ok for _, _, ok in at_03] == [False, True] and at_03[1][1]["HR@10"] == .0954
-    assert [ok for _, _, ok in comparisons("LastFM", "wearec", 200, "ce", {"alpha": 0.3, "num_heads": 4})] == [False, False]
+    assert [ok for _, _, ok in comparisons("LastFM", "wearec", 200, "ce",
+                                           {"alpha": 0.3, "num_heads": 4})] == [False, False]
     assert comparisons("LastFM", "wearec", 100) == [] and comparisons("LastFM", "asrec", 50) == []
     # the published FEARec rows are the BSARec code's port: the official variant is shown beside them, not compared
     assert [(label, ok) for label, _, ok in comparisons("Beauty", "fearec", 50, "ce", {"variant": "official"})] == [
         ("published; variant bsarec", False)]
     assert [ok for _, _, ok in comparisons("Beauty", "fearec", 50, "ce", {"variant": "bsarec"})] == [True]
     # the published SASRec rows were trained with BCE: shown beside a CE run, but not as a ratio
-    assert [(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "ce")] == [("published, trained with BCE", False)]
+    assert ([(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "ce")]
+            == [("published, trained with BCE", False)])
     assert [(label, ok) for label, _, ok in comparisons("Beauty", "sasrec", 50, "bce")] == [("published", True)]
 
 
@@ -360,7 +365,8 @@ def test_reproduce_table_names_the_variant_and_compares_only_the_published_one(t
 
     runs = tmp_path / "runs"
     for variant in ("official", "bsarec"):
-        cfg = resolve_config("fearec", "LastFM", overrides=[f"model_args.variant={variant}"], flags={"train.seed": 1}).to_dict()
+        cfg = resolve_config("fearec", "LastFM", overrides=[f"model_args.variant={variant}"],
+                             flags={"train.seed": 1}).to_dict()
         _run(runs, f"fearec-{variant}", cfg, True, 0)
         rec = json.loads((runs / f"fearec-{variant}" / "results.json").read_text())
         rec["test"] = {m: 0.0354 for m in reproduce.METRICS}
@@ -406,9 +412,10 @@ def test_test_ranks_reproduce_the_runs_metric_and_are_cached(tiny_data_dir, tmp_
 
     runs = []
     for seed in (1, 2):
-        cfg = resolve_config("sasrec", "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()], flags={
-            "data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"), "data.max_seq_length": 8,
-            "train.batch_size": 32, "train.epochs": 2, "train.seed": seed})
+        cfg = resolve_config("sasrec", "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()],
+                             flags={"data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"),
+                                    "data.max_seq_length": 8, "train.batch_size": 32, "train.epochs": 2,
+                                    "train.seed": seed})
         runs.append(train_or_reuse(cfg)[0])
     users, ranks = test_ranks(runs[0])
     saved = json.loads((runs[0] / "results.json").read_text())["test"]
@@ -454,7 +461,8 @@ def test_report_only_carries_over_the_earlier_tables_runs(tmp_path, monkeypatch,
     data = tmp_path / "data" / "LastFM"
     data.mkdir(parents=True)
     (data / "LastFM.txt").write_text("1 1 2 3\n")
-    cfg = resolve_config("wearec", "LastFM", flags={**flags, "train.seed": 1, "data.data_dir": str(tmp_path / "data")}).to_dict()
+    cfg = resolve_config("wearec", "LastFM",
+                         flags={**flags, "train.seed": 1, "data.data_dir": str(tmp_path / "data")}).to_dict()
     rec = {"run_dir": "gone", "config": cfg, "test": {}, "data_fingerprint": data_fingerprint(cfg),
            "fingerprint_scheme": FINGERPRINT_SCHEME}
     assert carried_record(cfg, [rec])["carried"]
@@ -502,9 +510,10 @@ def test_paired_comparisons_survive_the_run_folders(tiny_data_dir, tmp_path):
     for variant, model in (("ATHWE", "sasrec"), ("WEARec", "wearec")):
         runs = []
         for seed in (1, 2):
-            cfg = resolve_config(model, "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()], flags={
-                "data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"), "data.max_seq_length": 8,
-                "train.batch_size": 32, "train.epochs": 1, "train.seed": seed})
+            cfg = resolve_config(model, "tiny", overrides=[f"model_args.{k}={v}" for k, v in TINY_MODEL.items()],
+                                 flags={"data.data_dir": str(tiny_data_dir), "train.runs_dir": str(tmp_path / "runs"),
+                                        "data.max_seq_length": 8, "train.batch_size": 32, "train.epochs": 1,
+                                        "train.seed": seed})
             runs.append({**finished(train_or_reuse(cfg)[0]), "seed": seed})
         rows.append({"variant": variant, "model": "athwe" if variant == "ATHWE" else model, "runs": runs})
     before = compare_rows(rows[0]["runs"], rows[1]["runs"])
@@ -564,7 +573,8 @@ def test_ml100k_table_notes_only_what_it_holds(tmp_path):
 
     assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [run]}]) == (False, False, False)
     assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [run]},
-                  {"variant": "ATHWE no MoE", "model": "athwe", "runs": [{**run, "resumed": True}]}]) == (True, True, False)
+                  {"variant": "ATHWE no MoE", "model": "athwe", "runs": [{**run, "resumed": True}]}]) == (
+        True, True, False)
     bf16 = {**run, "seed": 2, "valid": {"NDCG@10": 0.25}, "config": {"train": {"precision": "bf16"}}}
     assert notes([{"variant": "ATHWE", "model": "athwe", "runs": [{**run, "valid": {"NDCG@10": 0.2}}, bf16]}]) == (
         False, False, True)
@@ -599,31 +609,6 @@ def test_thread_counts_per_run_in_records_and_tables(tmp_path):
     assert "| valid NDCG@10 | best epochs | threads | samples/s |" in md
     assert "| 3 | 1→2 | 100 |" in md
     assert "ATHWE seed 7 (1 for 1 epoch, then 2 for 2 epochs)" in md
-
-
-def test_feature_changes_in_records_and_tables(tmp_path):
-    """A run resumed on features extracted again carries its features.json changes into its record,
-    and the ml-100k table names it; a run without the file has no such key and no note."""
-    import athwe_ml100k
-
-    cfg = resolve_config("sasrec", "ml-100k").to_dict()
-    plain, moved = _run(tmp_path, "a", cfg, True, 0), _run(tmp_path, "b", cfg, True, 0)
-    change = {"after_epoch": 40, "from": "b25266113242d06e", "to": "233460a793ba31e3"}
-    (moved / "features.json").write_text(json.dumps({"changes": [change]}))
-    assert "feature_changes" not in finished(plain) and finished(moved)["feature_changes"] == [change]
-    meta = {"dataset": "ml-100k", "command": "python x", "seeds": [1], "device": "cpu", "threads": 1,
-            "load_avg": [], "report_only": False}
-    test = {m: 0.1 for m in athwe_ml100k.METRICS}
-
-    def md(rec):
-        row = {**rec, "seed": 7, "test": test}
-        athwe_ml100k.write(str(tmp_path / "t"), meta, [{"variant": "ATHWE", "model": "athwe", "runs": [row]}],
-                           final=False)
-        return (tmp_path / "t.md").read_text()
-
-    assert "extracted again" not in md(finished(plain))
-    assert "Resumed on item features extracted again" in md(finished(moved))
-    assert "ATHWE seed 7 (after epoch 40)." in md(finished(moved))
 
 
 def test_ml100k_time_routing_ablation_follows_the_configured_routing(tmp_path, monkeypatch, capsys):

@@ -129,13 +129,15 @@ def _grads(model):
 
 # ---- BSARec ---------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("c,kept", [(0, [0]), (1, [0]), (3, [0, 1]), (4, [0, 1, 2]), (5, [0, 1, 2]), (9, [0, 1, 2, 3, 4])])
+@pytest.mark.parametrize("c,kept", [(0, [0]), (1, [0]), (3, [0, 1]), (4, [0, 1, 2]), (5, [0, 1, 2]),
+                                    (9, [0, 1, 2, 3, 4])])
 def test_bsarec_low_pass_keeps_exactly_bins_below_c_half_plus_one(c, kept):
     n = 12
     t = torch.arange(n, dtype=torch.float64)
     comps = [torch.full((n,), 0.7, dtype=torch.float64)]  # bin 0
     for f in range(1, n // 2 + 1):  # a cosine and a sine per bin (the Nyquist sine is zero)
-        comps.append(math.cos(0.3 * f) * torch.cos(2 * math.pi * f * t / n) + math.sin(0.3 * f) * torch.sin(2 * math.pi * f * t / n))
+        comps.append(math.cos(0.3 * f) * torch.cos(2 * math.pi * f * t / n)
+                     + math.sin(0.3 * f) * torch.sin(2 * math.pi * f * t / n))
     x = torch.stack(comps)  # (bins, n): one row per frequency
     u = low_pass_basis(n, c)
     low = x @ u @ u.t()  # LPF along positions
@@ -163,17 +165,19 @@ def test_bsarec_low_pass_with_odd_length_and_nyquist():
 @pytest.mark.parametrize("n,c,heads", [(50, 3, 1), (50, 5, 1), (50, 3, 2), (9, 5, 1), (12, 3, 4)])
 def test_bsarec_fast_forward_equals_plain(n, c, heads):
     torch.manual_seed(0)
-    model = create_model("bsarec", 40, n, {"hidden_size": 16, "inner_size": 32, "c": c, "num_heads": heads, "alpha": 0.7})
+    model = create_model("bsarec", 40, n,
+                         {"hidden_size": 16, "inner_size": 32, "c": c, "num_heads": heads, "alpha": 0.7})
     _perturb(model)
     model.eval()
     ids = _ids(8, n, 40)
     with torch.no_grad():
         ref = plain_bsarec(model, ids)
-        full = model.encode(ids)
-        last = model.encode(ids, last_only=True)
+        read, full = model(ids, full=True)
+        last, none = model(ids)
     torch.testing.assert_close(full, ref, **TOL)
-    assert last.shape == (8, 1, 16)
-    torch.testing.assert_close(last[:, -1], ref[:, -1], **TOL)
+    torch.testing.assert_close(read, ref[:, -1], **TOL)
+    assert last.shape == (8, 16) and none is None
+    torch.testing.assert_close(last, ref[:, -1], **TOL)
     torch.testing.assert_close(model.scores(_batch(ids, 40)), ref[:, -1] @ model.embedding.item.weight.t(), **TOL)
 
 
@@ -318,10 +322,12 @@ def test_wearec_fast_forward_equals_plain(n, heads, d):
     ids = _ids(8, n, 40)
     with torch.no_grad():
         ref = plain_wearec(model, ids)
-        full = model.encode(ids)
-        last = model.encode(ids, last_only=True)
+        read, full = model(ids, full=True)
+        last, none = model(ids)
     torch.testing.assert_close(full, ref, **TOL)
-    torch.testing.assert_close(last[:, -1], ref[:, -1], **TOL)
+    torch.testing.assert_close(read, ref[:, -1], **TOL)
+    assert last.shape == (8, d) and none is None
+    torch.testing.assert_close(last, ref[:, -1], **TOL)
     torch.testing.assert_close(model.scores(_batch(ids, 40)), ref[:, -1] @ model.embedding.item.weight.t(), **TOL)
 
 
@@ -379,9 +385,11 @@ def test_published_settings_in_configs():
     c = resolve_config("bsarec", "LastFM")
     assert (c.train.lr, c.model_args["alpha"], c.model_args["c"], c.model_args["num_heads"]) == (1e-3, 0.9, 3, 1)
     c = resolve_config("wearec", "Beauty")
-    assert (c.model_args["hidden_dropout"], c.train.lr, c.model_args["alpha"], c.model_args["num_heads"]) == (0.5, 5e-4, 0.2, 8)
+    assert (c.model_args["hidden_dropout"], c.train.lr, c.model_args["alpha"],
+            c.model_args["num_heads"]) == (0.5, 5e-4, 0.2, 8)
     c = resolve_config("wearec", "LastFM")
-    assert (c.model_args["hidden_dropout"], c.train.lr, c.model_args["alpha"], c.model_args["num_heads"]) == (0.5, 1e-3, 0.3, 2)
+    assert (c.model_args["hidden_dropout"], c.train.lr, c.model_args["alpha"],
+            c.model_args["num_heads"]) == (0.5, 1e-3, 0.3, 2)
     assert c.data.max_seq_length == 50 and c.data.preset == "bsarec"
 
 

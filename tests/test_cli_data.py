@@ -85,7 +85,8 @@ def test_import_images_extract_pipeline(tmp_path, image_server):
     meta = data / "kit" / "kit.meta.jsonl"
     recs = [json.loads(line) for line in meta.read_text().splitlines()]
     for k, rec in enumerate(recs):
-        rec["image_urls"] = [f"{image_server}/{rec['item']}.png" if k % 2 == 0 else f"{image_server}/{rec['item']}.gone"]
+        rec["image_urls"] = [f"{image_server}/{rec['item']}.png" if k % 2 == 0
+                             else f"{image_server}/{rec['item']}.gone"]
     meta.write_text("\n".join(json.dumps(rec) for rec in recs) + "\n")
     r = runner.invoke(app, ["data", "images", "--dataset", "kit", "--data-dir", str(data), "--workers", "2",
                             "--timeout", "5", "--retries", "0"])
@@ -102,7 +103,8 @@ def test_import_then_extract(tmp_path, tiny_bert_dir):
     raw.mkdir()
     exp = fx.write_amazon2014(raw)
     data = tmp_path / "data"
-    assert runner.invoke(app, ["data", "import", str(exp["reviews"]), "--name", "kit", "--data-dir", str(data)]).exit_code == 0
+    assert runner.invoke(app, ["data", "import", str(exp["reviews"]), "--name", "kit",
+                               "--data-dir", str(data)]).exit_code == 0
     r = runner.invoke(app, ["extract", "--dataset", "kit", "--data-dir", str(data), "--text-model", str(tiny_bert_dir),
                             "--json"])
     assert r.exit_code == 0, r.output

@@ -31,7 +31,8 @@ def write(path: Path, text: str) -> Path:
     return path
 
 
-def write_inter(root: Path, name: str, rows: list[tuple], header: str = "user_id:token\titem_id:token\ttimestamp:float") -> Path:
+def write_inter(root: Path, name: str, rows: list[tuple],
+                header: str = "user_id:token\titem_id:token\ttimestamp:float") -> Path:
     """Write <root>/<name>/<name>.inter and return root (the data_dir)."""
     lines = [header] + ["\t".join(str(x) for x in r) for r in rows]
     write(root / name / f"{name}.inter", "\n".join(lines) + "\n")
@@ -65,7 +66,8 @@ def test_read_atomic_typed_columns(tmp_path):
     t = read_atomic(p)
     assert t.path == p
     assert t.names == ["item_id", "movie_title", "price", "emb", "class"]
-    assert t.types == {"item_id": "token", "movie_title": "token_seq", "price": "float", "emb": "float_seq", "class": "token_seq"}
+    assert t.types == {"item_id": "token", "movie_title": "token_seq", "price": "float", "emb": "float_seq",
+                       "class": "token_seq"}
     assert len(t) == 3  # the blank line is skipped
     assert t.columns["item_id"] == ["i1", "i2", "i3"]
     assert t.columns["movie_title"] == [["Toy", "Story"], ["Heat"], []]
@@ -122,7 +124,8 @@ def test_read_atomic_wrong_field_count_names_line(tmp_path):
 
 
 def test_read_atomic_non_numeric_timestamp_names_value_and_line(tmp_path):
-    p = write(tmp_path / "t.inter", "user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\t1\nu1\ti2\t2\nu1\ti3\tyesterday\n")
+    p = write(tmp_path / "t.inter",
+              "user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\t1\nu1\ti2\t2\nu1\ti3\tyesterday\n")
     msg = _data_error(p)
     assert "'yesterday'" in msg and f"{p}:4" in msg and "timestamp" in msg
 
@@ -298,7 +301,8 @@ def test_load_errors(tmp_path, cache_dir):
     (tmp_path / "hollow").mkdir()
     with pytest.raises(DataError, match="hollow.inter"):
         load_sequences(tmp_path, "hollow")
-    root = write_inter(tmp_path / "d2", "strts", [("a", "x", "t1")], header="user_id:token\titem_id:token\ttimestamp:token")
+    root = write_inter(tmp_path / "d2", "strts", [("a", "x", "t1")],
+                       header="user_id:token\titem_id:token\ttimestamp:token")
     with pytest.raises(DataError, match="timestamp"):
         load_sequences(root, "strts")
 
@@ -366,7 +370,8 @@ def reference_kcore(rows: list[tuple], k: int) -> list[tuple]:
 @pytest.mark.parametrize("k", [2, 3, 4])
 def test_kcore_matches_reference_on_random_data(tmp_path, cache_dir, k):
     rng = np.random.default_rng(k)
-    rows = [(f"u{int(rng.zipf(1.6)) % 60}", f"i{int(rng.zipf(1.5)) % 80}", int(rng.integers(0, 1000))) for _ in range(700)]
+    rows = [(f"u{int(rng.zipf(1.6)) % 60}", f"i{int(rng.zipf(1.5)) % 80}", int(rng.integers(0, 1000)))
+            for _ in range(700)]
     root = write_inter(tmp_path / "data", "rk", rows)
     data = load_sequences(root, "rk", kcore=k)
     kept = reference_kcore(rows, k)

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from athwe.errors import AthweError
+from athwe import runs
 from athwe.training import trainer as tr
 from athwe.training.distributed import World, world_from_env
 from test_train import tiny_cfg
@@ -46,12 +47,13 @@ def _torchrun(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
 def _cli_args(data_dir: Path, run_dir: Path, extra: list[str]) -> list[str]:
     return ["-m", "athwe.cli", "train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(data_dir),
             "--max-seq-length", "8", "--batch-size", "32", "--epochs", "3", "--preset", "recbole", "--threads", "1",
-            "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32", "--set", "model_args.num_layers=1",
+            "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32",
+            "--set", "model_args.num_layers=1",
             "--run-dir", str(run_dir), *extra]
 
 
 def _losses(run: Path) -> list[float]:
-    return [r["train_loss"] for r in tr.read_metrics(run / "metrics.jsonl")]
+    return [r["train_loss"] for r in runs.read_metrics(run / "metrics.jsonl")]
 
 
 def test_world_from_env(monkeypatch):
@@ -100,7 +102,7 @@ def test_two_processes_train_as_one_on_the_whole_batch(tiny_data_dir, tmp_path):
     out = _torchrun(_cli_args(tiny_data_dir, tmp_path / "two", NO_DROPOUT), tmp_path)
     two = tmp_path / "two"
     assert _losses(two) == pytest.approx(_losses(one), rel=1e-5)
-    rows = tr.read_metrics(two / "metrics.jsonl")
+    rows = runs.read_metrics(two / "metrics.jsonl")
     assert [r["processes"] for r in rows] == [2, 2, 2]
     a, b = torch.load(one / "best.pt", weights_only=True), torch.load(two / "best.pt", weights_only=True)
     assert set(a) == set(b)
@@ -122,6 +124,7 @@ def test_two_processes_resume_exactly(tiny_data_dir, tmp_path):
         sys.path.insert(0, {str(Path(__file__).parent)!r})
         from pathlib import Path
         from test_train import tiny_cfg
+        from athwe import runs
         from athwe.training import trainer as tr
         cfg = tiny_cfg(Path({str(tiny_data_dir)!r}), Path({str(tmp_path / "runs")!r}), epochs=4, num_threads=1)
         out, mode = sys.argv[1], sys.argv[2]
@@ -129,7 +132,7 @@ def test_two_processes_resume_exactly(tiny_data_dir, tmp_path):
             tr.train(cfg, run_dir=out, progress=False)
         else:
             tr.train(cfg, run_dir=out, progress=False, stop_after=2)
-            assert len(tr.read_metrics(Path(out) / "metrics.jsonl")) == 2
+            assert len(runs.read_metrics(Path(out) / "metrics.jsonl")) == 2
             tr.resume(out, progress=False)
     """))
     _torchrun([str(script), str(tmp_path / "whole"), "whole"], tmp_path)

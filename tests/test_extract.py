@@ -429,11 +429,13 @@ def test_packaged_minilm_matches_sentence_transformers():
 
 def test_cli_extract(data_root, tiny_bert):
     runner = CliRunner()
-    r = runner.invoke(app, ["extract", "--dataset", "tiny", "--data-dir", str(data_root), "--text-model", str(tiny_bert),
+    r = runner.invoke(app, ["extract", "--dataset", "tiny", "--data-dir", str(data_root),
+                            "--text-model", str(tiny_bert),
                             "--no-image", "--batch-size", "3", "--device", "cpu"])
     assert r.exit_code == 0, r.output
     assert "txt_emb.pt" in r.output and "cat.pt" in r.output and "image      not requested" in r.output
-    r = runner.invoke(app, ["extract", "--dataset", "tiny", "--data-dir", str(data_root), "--text-model", str(tiny_bert)])
+    r = runner.invoke(app, ["extract", "--dataset", "tiny", "--data-dir", str(data_root),
+                            "--text-model", str(tiny_bert)])
     assert r.exit_code == 2 and "--overwrite" in r.output and len(r.output.strip().splitlines()) == 1
     for bad in (["--image-pooling", "mean"], ["--device", "bogus"], ["--dataset", "nope"], ["--batch-size", "0"]):
         args = ["extract", "--data-dir", str(data_root), "--text-model", str(tiny_bert), "--overwrite"]

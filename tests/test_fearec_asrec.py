@@ -12,7 +12,7 @@ import athwe.models.asrec as asr
 import athwe.models.fearec as fe
 from athwe.dataset.split import SampleSet
 from athwe.models import create_model
-from athwe.models.layers import attention_mask
+from athwe.models.layers import attention_mask, full_width, right_pad
 
 TINY_FEA = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "inner_size": 32}
 TINY_AS = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "inner_size": 32}
@@ -21,7 +21,8 @@ TINY_AS = {"hidden_size": 16, "num_layers": 2, "num_heads": 2, "inner_size": 32}
 def sample_set(input_ids: torch.Tensor, target: torch.Tensor, user: torch.Tensor | None = None) -> SampleSet:
     s, n = input_ids.shape
     user = torch.arange(s) if user is None else user
-    return SampleSet(input_ids, torch.zeros(s, n, dtype=torch.float64), target, user, torch.zeros(s, dtype=torch.float64))
+    return SampleSet(input_ids, torch.zeros(s, n, dtype=torch.float64), target, user,
+                     torch.zeros(s, dtype=torch.float64))
 
 
 def random_samples(s: int, n: int, n_items: int, min_len: int = 0, seed: int = 0) -> SampleSet:
@@ -170,10 +171,10 @@ def test_stacked_views_equal_separate_passes():
     torch.manual_seed(0)
     model = create_model("fearec", 40, 12, {**TINY_FEA, "hidden_dropout": 0.0, "attn_dropout": 0.0}).train()
     views = [random_samples(5, 12, 40, seed=s).input_ids for s in range(3)]
-    stacked, _ = model.encode(torch.cat(views), groups=3)
-    separate = torch.cat([model.encode(v)[0] for v in views])
+    stacked, _ = model(torch.cat(views), groups=3)
+    separate = torch.cat([model(v)[0] for v in views])
     assert torch.allclose(stacked, separate, atol=1e-5)
-    mixed, _ = model.encode(torch.cat(views), groups=1)  # one batch mean over 3B picks other lags
+    mixed, _ = model(torch.cat(views), groups=1)  # one batch mean over 3B picks other lags
     assert not torch.allclose(mixed, separate, atol=1e-5)
 
 
@@ -183,17 +184,20 @@ def test_readout_shortcut_equals_full_encoding(variant):
     model = create_model("fearec", 40, 12, {**TINY_FEA, "variant": variant}).eval()
     ids = random_samples(7, 12, 40, seed=1).input_ids
     with torch.no_grad():
-        fast, _ = model.encode(ids)
-        full, seq = model.encode(ids, full=True)
+        fast, _ = model(ids)
+        full, seq = model(ids, full=True)
     assert torch.allclose(fast, full, atol=1e-5)
     assert seq.shape == (7, 12, 16)
 
 
-def test_right_pad():
+def test_right_pad_and_full_width():
     ids = torch.tensor([[0, 0, 5, 6], [1, 2, 3, 4], [0, 0, 0, 0], [0, 0, 0, 9]])
-    out, lengths = fe.right_pad(ids)
+    out, lengths = right_pad(ids)
     assert out.tolist() == [[5, 6, 0, 0], [1, 2, 3, 4], [0, 0, 0, 0], [9, 0, 0, 0]]
     assert lengths.tolist() == [2, 4, 0, 1]
+    assert full_width(ids, 4) is ids
+    assert full_width(ids, 6).tolist() == [[0, 0] + row for row in ids.tolist()]
+    assert full_width(ids, 2).tolist() == [row[2:] for row in ids.tolist()]
 
 
 def _group_set():
@@ -315,9 +319,10 @@ def test_frequency_regulariser_switch_changes_the_loss():
     # same RNG stream and code path for off and hidden: the difference is exactly the regulariser
     torch.manual_seed(0)
     sem = model.same_target_inputs(batch)
-    read, _ = model.encode(torch.cat([batch.input_ids, batch.input_ids, sem]), groups=3)
+    read, _ = model(torch.cat([batch.input_ids, batch.input_ids, sem]), groups=3)
     z_aug, z_sem = read[32:64], read[64:]
-    term = 0.1 * (torch.fft.rfft(z_aug, dim=-1, norm="ortho") - torch.fft.rfft(z_sem, dim=-1, norm="ortho")).abs().mean()
+    term = 0.1 * (torch.fft.rfft(z_aug, dim=-1, norm="ortho")
+                  - torch.fft.rfft(z_sem, dim=-1, norm="ortho")).abs().mean()
     assert term.item() > 0
     assert (hidden - off).item() == pytest.approx(term.item(), rel=1e-4, abs=1e-6)
     assert seq.item() != pytest.approx(off.item(), abs=1e-6)
@@ -411,7 +416,8 @@ def test_fsm_reference_scale_matches_reference_fft():
     s = torch.sigmoid(fsm.smoothing_weight)
     weight = ((1 - s) * s ** torch.flip(powers, dims=(0,))).view(1, n, 1)
     fast = 100  # scipy.fftpack.next_fast_len(99)
-    out = torch.fft.ifft(torch.fft.fft(x, fast, dim=1, norm="ortho") * torch.fft.fft(weight, fast, dim=1, norm="ortho").conj(),
+    out = torch.fft.ifft(torch.fft.fft(x, fast, dim=1, norm="ortho")
+                         * torch.fft.fft(weight, fast, dim=1, norm="ortho").conj(),
                          fast, dim=1, norm="ortho").real.roll(-1, dims=1)[:, fast - n:]
     ref = (s ** (powers + 1)).view(1, n, 1) * fsm.v0 + out * fsm.v1
     assert torch.allclose(fsm(x), ref, atol=1e-5)
@@ -532,15 +538,15 @@ def test_asrec_readout_shortcut_and_layout():
     model = create_model("asrec", 30, 10, TINY_AS).eval()
     ids = random_samples(6, 10, 30, min_len=1, seed=2).input_ids
     with torch.no_grad():
-        fast, _ = model.encode(ids)
-        full, seq = model.encode(ids, full=True)
-        narrow, _ = model.encode(ids[:, -8:])  # narrower inputs are left-padded back to N
+        fast, _ = model(ids)
+        full, seq = model(ids, full=True)
+        narrow, _ = model(ids[:, -8:])  # narrower inputs are left-padded back to N
     assert torch.allclose(fast, full, atol=1e-5)
     lengths = (ids > 0).sum(1)
     assert torch.allclose(seq[torch.arange(6), lengths - 1], full, atol=1e-6)
     wide = torch.cat([torch.zeros(6, 2, dtype=torch.long), ids], 1)
     with torch.no_grad():
-        assert torch.allclose(model.encode(wide)[0], fast, atol=1e-6)  # extra leading zeros are dropped
+        assert torch.allclose(model(wide)[0], fast, atol=1e-6)  # extra leading zeros are dropped
     assert narrow.shape == fast.shape
 
 
@@ -576,9 +582,11 @@ def test_yaml_configs_resolve():
     from athwe.models import build_model_config
 
     cfg = build_model_config("fearec", resolve_config("fearec", "LastFM").model_args)
-    assert (cfg.variant, cfg.topk_factor, cfg.freq_reg, cfg.global_ratio, cfg.spatial_ratio) == ("official", 1.0, "off", 0.6, 0.1)
+    assert (cfg.variant, cfg.topk_factor, cfg.freq_reg, cfg.global_ratio,
+            cfg.spatial_ratio) == ("official", 1.0, "off", 0.6, 0.1)
     port = resolve_config("fearec", "LastFM", overrides=["model_args.variant=bsarec"])
     assert build_model_config("fearec", port.model_args).topk_factor == 10.0
     for ds in ("ml-100k", "Beauty"):
         cfg = build_model_config("asrec", resolve_config("asrec", ds).model_args)
-        assert (cfg.fsm_mix, cfg.hidden_size, cfg.inner_size, cfg.num_heads, cfg.hidden_dropout) == (1.0, 256, 256, 4, 0.5)
+        assert (cfg.fsm_mix, cfg.hidden_size, cfg.inner_size, cfg.num_heads,
+                cfg.hidden_dropout) == (1.0, 256, 256, 4, 0.5)

@@ -102,7 +102,8 @@ def random_case(seed: int, n_rows: int = 150, n_items: int = 300, max_hist: int 
     targets: list[int] = []
     histories: list[list[int]] = []
     for r in range(n_rows):
-        hist = [int(x) for x in rng.choice(np.arange(1, n_items + 1), size=int(rng.integers(0, max_hist + 1)), replace=False)]
+        hist = [int(x) for x in rng.choice(np.arange(1, n_items + 1), size=int(rng.integers(0, max_hist + 1)),
+                                           replace=False)]
         if hist and rng.random() < 0.35:
             t = int(rng.choice(hist))
         else:
@@ -213,14 +214,17 @@ def test_metrics_from_ranks_known_values():
     assert m["HR@20"] == pytest.approx(7 / n)
     assert m["HR@50"] == pytest.approx(8 / n)
     assert m["NDCG@5"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6)) / n)
-    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(7) + 1 / math.log2(11)) / n)
-    assert m["NDCG@50"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(7) + 1 / math.log2(11)
+    assert m["NDCG@10"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(7)
+                                          + 1 / math.log2(11)) / n)
+    assert m["NDCG@50"] == pytest.approx((1 + 1 / math.log2(3) + 1 / math.log2(6) + 1 / math.log2(7)
+                                          + 1 / math.log2(11)
                                           + 1 / math.log2(12) + 1 / math.log2(21) + 1 / math.log2(51)) / n)
     assert m["MRR@5"] == pytest.approx((1 + 1 / 2 + 1 / 5) / n)
     assert m["MRR@20"] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 6 + 1 / 10 + 1 / 11 + 1 / 20) / n)
     assert m["MRR@50"] == pytest.approx((1 + 1 / 2 + 1 / 5 + 1 / 6 + 1 / 10 + 1 / 11 + 1 / 20 + 1 / 50) / n)
     # custom ks
-    assert metrics_from_ranks(torch.tensor([2, 3]), ks=(3,)) == pytest.approx({"HR@3": 0.5, "NDCG@3": 0.25, "MRR@3": 1 / 6})
+    assert metrics_from_ranks(torch.tensor([2, 3]), ks=(3,)) == pytest.approx(
+        {"HR@3": 0.5, "NDCG@3": 0.25, "MRR@3": 1 / 6})
 
 
 # ----------------------------------------------------------------------------- batch size

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import athwe.models as models
-from athwe.dataset.split import Batch
+from athwe.dataset.split import Batch, SampleSet
 from athwe.models import create_model, get_entry, list_models
 from conftest import random_features
 
@@ -72,7 +72,8 @@ def test_shapes_and_inner_product_contract(name):
 def test_every_parameter_gets_a_gradient(name, loss):
     model = make_model(name, loss=loss)
     one_step(model, make_batch())
-    missing = [n for n, p in model.named_parameters() if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
+    missing = [n for n, p in model.named_parameters()
+               if p.requires_grad and (p.grad is None or not torch.any(p.grad != 0))]
     assert not missing, f"{name}: parameters without gradient: {missing}"
 
 
@@ -136,6 +137,29 @@ def test_same_seed_same_result(name):
         states.append(model.state_dict())
     assert losses[0] == losses[1]
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_loss_keeps_no_state_between_calls(name):
+    """loss() hands nothing to later calls: no attribute is added or replaced, and training-mode
+    scores under a seed are the same before and after a loss (and its backward)."""
+    model = make_model(name).train()
+    batch = make_batch()
+    model.prepare(SampleSet(batch.input_ids, batch.timestamps, batch.target, batch.user, batch.target_time))
+    torch.manual_seed(4)
+    model.loss(batch)  # a first call may fill constant caches (ATHWE's cluster labels)
+    attrs = dict(vars(model))
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        torch.manual_seed(0)
+        before = model.scores(batch)
+    torch.manual_seed(5)
+    model.loss(batch).backward()
+    with torch.no_grad():
+        torch.manual_seed(0)
+        after = model.scores(batch)
+    assert vars(model).keys() == attrs.keys() and all(vars(model)[k] is v for k, v in attrs.items())
+    assert all(b is buffers[k] for k, b in model.named_buffers())
+    assert torch.equal(before, after)
 
 
 def test_training_step_reduces_loss_on_a_fixed_batch(name):
@@ -213,7 +237,8 @@ def test_ce_padding_adds_the_padding_column_as_a_negative(name):
     for flag in (False, True):
         torch.manual_seed(0)
         features = random_features(N_ITEMS) if get_entry(name).needs_features else None
-        model = create_model(name, N_ITEMS, N, {**small_config(name), "ce_padding": flag}, "ce", features=features).eval()
+        model = create_model(name, N_ITEMS, N, {**small_config(name), "ce_padding": flag}, "ce",
+                             features=features).eval()
         torch.manual_seed(1)
         losses[flag] = model.loss(batch)
         if flag:
@@ -251,7 +276,8 @@ def test_copy_first_block_repeats_the_first_blocks_initial_values(name):
     ("hidden_size", 0, "hidden_size must be >= 1"), ("hidden_size", -8, "hidden_size must be >= 1"),
     ("num_heads", 0, "num_heads must be >= 1"), ("num_layers", -1, "num_layers must be >= 1"),
     ("inner_size", 0, "inner_size must be >= 1"), ("num_heads", 3, "not a multiple of num_heads"),
-    ("hidden_dropout", 2, "hidden_dropout must be in [0, 1)"), ("attn_dropout", -0.1, "attn_dropout must be in [0, 1)"),
+    ("hidden_dropout", 2, "hidden_dropout must be in [0, 1)"),
+    ("attn_dropout", -0.1, "attn_dropout must be in [0, 1)"),
     ("copy_first_block", 1, "copy_first_block must be bool"), ("layer_norm_eps", 0, "layer_norm_eps must be > 0"),
 ])
 def test_bad_shared_settings_are_config_errors(name, key, value, needle):

@@ -18,7 +18,8 @@ from typer.testing import CliRunner
 from athwe.cli import app
 from athwe.config import resolve_config
 from athwe.errors import ConfigError
-from athwe.models import get_entry
+from athwe.models import check_run_config, get_entry
+from athwe import runs
 from athwe.training import trainer as tr
 from athwe.utils import oversubscription_note
 from conftest import SHARED_DATA, TINY_MODEL, train_dies_in_epoch
@@ -58,7 +59,8 @@ def test_run_folder_contents_and_weights_only_checkpoints(tiny_data_dir, tmp_pat
 
 
 def test_training_learns_the_tiny_pattern(tiny_data_dir, tmp_path):
-    _, res = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=30, lr=0.01), printer=lambda s: None, progress=False)
+    _, res = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=30, lr=0.01), printer=lambda s: None,
+                      progress=False)
     # next item is id+0 or id+1 of 50: a model that learned it has HR@10 far above chance (0.2)
     assert res["test"]["HR@10"] > 0.6
 
@@ -114,7 +116,7 @@ def test_config_precedence(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="unknown key train.nope"):
         resolve_config("sasrec", "X", overrides=["train.nope=1"])
     with pytest.raises(ConfigError, match="unknown model key"):
-        resolve_config("sasrec", "X", overrides=["model_args.nope=1"])
+        check_run_config(resolve_config("sasrec", "X", overrides=["model_args.nope=1"]))
     with pytest.raises(ConfigError, match="must be int"):
         resolve_config("sasrec", "X", overrides=["train.epochs=abc"])
     with pytest.raises(ConfigError, match="data.kcore must be >= 0"):
@@ -193,8 +195,9 @@ def test_cli_train_on_a_missing_gpu_exits_2_and_leaves_no_run_folder(tiny_data_d
 
 def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path, monkeypatch):
     run = tmp_path / "run"
-    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--run-dir", str(run),
-                "--epochs", "2", "--max-seq-length", "8", "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32"], tmp_path)
+    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir),
+                "--run-dir", str(run), "--epochs", "2", "--max-seq-length", "8",
+                "--set", "model_args.hidden_size=16", "--set", "model_args.inner_size=32"], tmp_path)
     assert res.exit_code == 0, res.output
     assert "NDCG" in res.stdout
     saved = json.loads((run / "results.json").read_text())["test"]
@@ -203,8 +206,8 @@ def test_cli_train_evaluate_roundtrip(tiny_data_dir, tmp_path, monkeypatch):
         assert res.exit_code == 0
         assert json.loads(res.stdout)["test"] == saved
     before = {p.name: p.read_bytes() for p in run.iterdir()}
-    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir), "--run-dir", str(run),
-                "--epochs", "1"], tmp_path)  # another training into a finished run's folder
+    res = _cli(["train", "--model", "sasrec", "--dataset", "tiny", "--data-dir", str(tiny_data_dir),
+                "--run-dir", str(run), "--epochs", "1"], tmp_path)  # another training into a finished run's folder
     assert res.exit_code == 2 and "already holds a run" in res.stderr and "--resume" in res.stderr
     assert {p.name: p.read_bytes() for p in run.iterdir()} == before
     res = _cli(["evaluate", "--run", str(run), "--batch-size", "0"], tmp_path)
@@ -255,7 +258,8 @@ def test_damaged_or_foreign_checkpoints_are_one_line_errors(tiny_data_dir, tmp_p
                                   ("index.faiss", "garbage", "index.faiss: not a readable FAISS index")):
         good = (run / name).read_bytes()
         (run / name).write_text(damaged)
-        cmd = ["retrieve", "--run", str(run), "--user", "u1"] if name.startswith("index") else ["evaluate", "--run", str(run)]
+        cmd = (["retrieve", "--run", str(run), "--user", "u1"] if name.startswith("index")
+               else ["evaluate", "--run", str(run)])
         assert needle in error(cmd), name
         (run / name).write_bytes(good)
     good = (run / "config.yaml").read_text()
@@ -269,9 +273,11 @@ def test_damaged_or_foreign_checkpoints_are_one_line_errors(tiny_data_dir, tmp_p
             err = error(cmd)
             assert "config.yaml: " in err and needle in err, err
     (run / "config.yaml").write_text(good)
-    assert "--history must be one of none, zero, exclude, not 'bogus'" in error(["evaluate", "--run", str(run), "--history", "bogus"])
+    assert "--history must be one of none, zero, exclude, not 'bogus'" in error(
+        ["evaluate", "--run", str(run), "--history", "bogus"])
     (tmp_path / "afile").write_text("x")
-    for out, needle in ((tmp_path, "--out is a directory"), (tmp_path / "afile" / "x.jsonl", "a parent of --out is a file")):
+    for out, needle in ((tmp_path, "--out is a directory"),
+                        (tmp_path / "afile" / "x.jsonl", "a parent of --out is a file")):
         assert needle in error(["retrieve", "--run", str(run), "--all-users", "--out", str(out)])
     assert list(tmp_path.glob("*.tmp*")) == []
 
@@ -350,7 +356,7 @@ def test_bf16_precision_trains_records_and_resumes_config(tiny_data_dir, tmp_pat
     assert res["header"]["precision"] == "bf16"
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["precision"] == "bf16"
     assert res["test"]["HR@10"] > 0.6  # learns the tiny pattern as fp32 does
-    assert tr.load_run_config(run).train.precision == "bf16"
+    assert runs.load_run_config(run).train.precision == "bf16"
 
 
 def test_bad_precision_is_a_one_line_cli_error(tmp_path):
@@ -378,7 +384,7 @@ def test_resume_on_another_thread_count_records_it_per_epoch(tiny_data_dir, tmp_
         assert torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
-    rows = tr.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = runs.read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [(r["epoch"], r["num_threads"]) for r in rows] == [(1, 2), (2, 2), (3, 1), (4, 1), (5, 1)]
     assert "note: resuming on 1 CPU thread(s) (the run started with 2)" in heard
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["train"]["num_threads"] == 2
@@ -388,8 +394,6 @@ def test_cli_resume_with_negative_threads_is_a_one_line_error(tmp_path):
     res = _cli(["train", "--resume", str(tmp_path / "nowhere"), "--threads", "-1"], tmp_path)
     assert res.exit_code == 2 and len(res.stderr.strip().splitlines()) == 1
     assert "num_threads must be >= 0" in res.stderr
-    res = _cli(["train", "--model", "sasrec", "--allow-new-features"], tmp_path)
-    assert res.exit_code == 2 and res.stderr.strip() == "error: --allow-new-features applies only with --resume RUN"
     res = _cli(["train", "--model", "sasrec", "--threads", "3", "--print-config"], tmp_path)
     assert res.exit_code == 0 and yaml.safe_load(res.stdout)["train"]["num_threads"] == 3
 
@@ -432,26 +436,30 @@ def test_trainer_notes_a_busy_cpu(tiny_data_dir, tmp_path, monkeypatch):
 
 
 def test_runs_lists_finished_and_unfinished_runs(tiny_data_dir, tmp_path, monkeypatch):
-    runs = tmp_path / "runs"
-    tr.train(tiny_cfg(tiny_data_dir, runs, epochs=2), run_dir=runs / "done", printer=lambda s: None, progress=False)
+    runs_dir = tmp_path / "runs"
+    tr.train(tiny_cfg(tiny_data_dir, runs_dir, epochs=2), run_dir=runs_dir / "done", printer=lambda s: None,
+             progress=False)
     undo = train_dies_in_epoch(monkeypatch, 1)
     with pytest.raises(KeyboardInterrupt):
-        tr.train(tiny_cfg(tiny_data_dir, runs, epochs=3), run_dir=runs / "cut", printer=lambda s: None, progress=False)
+        tr.train(tiny_cfg(tiny_data_dir, runs_dir, epochs=3), run_dir=runs_dir / "cut", printer=lambda s: None,
+                 progress=False)
     undo()
-    (runs / "not-a-run").mkdir()
-    rows = tr.list_runs(runs)
+    (runs_dir / "not-a-run").mkdir()
+    rows = runs.list_runs(runs_dir)
     assert [Path(r["run"]).name for r in rows] == ["done", "cut"]
     done, cut = rows
-    res = json.loads((runs / "done" / "results.json").read_text())
-    assert (done["status"], done["epochs"], done["max_epochs"], done["test_NDCG@10"]) == ("finished", 2, 2, res["test"]["NDCG@10"])
-    assert (cut["status"], cut["epochs"], cut["max_epochs"], cut["best_epoch"], cut["test_NDCG@10"]) == ("unfinished", 1, 3, 1, None)
-    assert cut["best_valid"] == tr.read_metrics(runs / "cut" / "metrics.jsonl")[0]["valid_NDCG@20"]
-    out = _cli(["runs", "--runs-dir", str(runs)], tmp_path)
+    res = json.loads((runs_dir / "done" / "results.json").read_text())
+    assert (done["status"], done["epochs"], done["max_epochs"], done["test_NDCG@10"]) == (
+        "finished", 2, 2, res["test"]["NDCG@10"])
+    assert (cut["status"], cut["epochs"], cut["max_epochs"], cut["best_epoch"], cut["test_NDCG@10"]) == (
+        "unfinished", 1, 3, 1, None)
+    assert cut["best_valid"] == runs.read_metrics(runs_dir / "cut" / "metrics.jsonl")[0]["valid_NDCG@20"]
+    out = _cli(["runs", "--runs-dir", str(runs_dir)], tmp_path)
     assert out.exit_code == 0
     lines = out.stdout.splitlines()
     assert lines[1].split()[:5] == ["done", "sasrec", "tiny", "finished", "2/2"]
     assert lines[2].split()[:5] == ["cut", "sasrec", "tiny", "unfinished", "1/3"]
     assert "1 unfinished run(s)" in lines[3]
-    assert json.loads(_cli(["runs", "--runs-dir", str(runs), "--json"], tmp_path).stdout) == rows
+    assert json.loads(_cli(["runs", "--runs-dir", str(runs_dir), "--json"], tmp_path).stdout) == rows
     bad = _cli(["runs", "--runs-dir", str(tmp_path / "none")], tmp_path)
     assert bad.exit_code == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none'}: no runs folder"

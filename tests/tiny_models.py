@@ -35,7 +35,8 @@ def make_tiny_clip(d: Path) -> Path:
     import open_clip
 
     d.mkdir(parents=True, exist_ok=True)
-    cfg = {"embed_dim": 12, "vision_cfg": {"image_size": 32, "layers": 1, "width": 24, "head_width": 12, "patch_size": 8},
+    cfg = {"embed_dim": 12,
+           "vision_cfg": {"image_size": 32, "layers": 1, "width": 24, "head_width": 12, "patch_size": 8},
            "text_cfg": {"context_length": 8, "vocab_size": 64, "width": 16, "heads": 2, "layers": 1}}
     (d / f"{TINY_CLIP}.json").write_text(json.dumps(cfg))
     open_clip.add_model_config(d)

@@ -91,7 +91,8 @@ def read_atomic(path: str | Path) -> AtomicTable:
         elif typ == "float":
             table.columns[name] = _to_float(path, name, col, linenos)
         else:
-            table.columns[name] = [_to_float(path, name, v.split(), [ln] * len(v.split())) for v, ln in zip(col, linenos)]
+            table.columns[name] = [_to_float(path, name, v.split(), [ln] * len(v.split()))
+                                   for v, ln in zip(col, linenos)]
     return table
 
 

@@ -141,10 +141,14 @@ STYLES = {
 }
 FEATURES = {
     "Electronics": ["USB-C charging", "low latency", "long battery life", "a compact design", "multi-device pairing"],
-    "Home": ["easy assembly", "machine washable fabric", "a warm white glow", "a space saving shape", "hypoallergenic fill"],
-    "Outdoors": ["water resistance", "a small packed size", "reflective trim", "three-season ratings", "a lightweight frame"],
-    "Apparel": ["machine washable fabric", "breathable panels", "a relaxed fit", "recycled fabric", "quick drying fibres"],
-    "Kitchen": ["dishwasher safe parts", "oven safe materials", "induction ready bases", "an ergonomic handle", "easy cleaning"],
+    "Home": ["easy assembly", "machine washable fabric", "a warm white glow", "a space saving shape",
+             "hypoallergenic fill"],
+    "Outdoors": ["water resistance", "a small packed size", "reflective trim", "three-season ratings",
+                 "a lightweight frame"],
+    "Apparel": ["machine washable fabric", "breathable panels", "a relaxed fit", "recycled fabric",
+                "quick drying fibres"],
+    "Kitchen": ["dishwasher safe parts", "oven safe materials", "induction ready bases", "an ergonomic handle",
+                "easy cleaning"],
 }
 COLOURS = ["black", "white", "slate", "sage", "navy", "terracotta", "sand", "olive", "charcoal", "rust"]
 BRANDS = [
@@ -347,7 +351,8 @@ def _make_interactions(rng: np.random.Generator, cat: _Catalogue, n_users: int) 
                     mask = top_masks[top]
                     own = pref * mask
                     glob = cat.leaf_prior * mask
-                    weights = 0.5 * glob / glob.sum() + (0.5 * own / own.sum() if own.sum() > 0 else 0.5 * glob / glob.sum())
+                    weights = 0.5 * glob / glob.sum() + (0.5 * own / own.sum() if own.sum() > 0
+                                                         else 0.5 * glob / glob.sum())
                 elif mode == "long":
                     weights = base.copy()
                     weights[prev] = 0.0  # after a long break the old leaf is rarely continued
@@ -441,7 +446,8 @@ def _render_image(rng: np.random.Generator, leaf: Leaf) -> PILImage.Image:
                 draw.ellipse([x - 1, y - 1, x + 1, y + 1], fill=line)
     cx, cy = (s // 2 + int(v) for v in rng.integers(-5, 6, size=2))
     r = int(rng.integers(14, 20))
-    fill = tuple(int(np.clip(c + v, 0, 255)) for c, v in zip(SHADES[leaf.leaf_idx % len(SHADES)], rng.integers(-15, 16, size=3)))
+    fill = tuple(int(np.clip(c + v, 0, 255))
+                 for c, v in zip(SHADES[leaf.leaf_idx % len(SHADES)], rng.integers(-15, 16, size=3)))
     shape = SHAPES[leaf.mid_idx % len(SHAPES)]
     outline = (20, 20, 20) if sum(fill) > 300 else (235, 235, 235)
     if shape == "circle":
@@ -479,7 +485,8 @@ def _write_dataset(folder: Path, seed: int, n_users: int, n_items: int) -> dict:
     lines = [ITEM_HEADER]
     for it in range(n_items):
         lf = LEAVES[cat.item_leaf[it]]
-        fields = [item_tok[it], cat.titles[it], cat.descriptions[it], lf.path, cat.brands[it], f"images/{item_tok[it]}.png"]
+        fields = [item_tok[it], cat.titles[it], cat.descriptions[it], lf.path, cat.brands[it],
+                  f"images/{item_tok[it]}.png"]
         assert not any(("\t" in f or "\n" in f) for f in fields)
         lines.append("\t".join(fields))
     (folder / f"{DEMO_NAME}.item").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")

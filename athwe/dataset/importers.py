@@ -524,7 +524,8 @@ def _read_amazon_meta(path: Path, fmt: str, needed: set[str], skip: bool, stats:
             rec = _parse_record(text)
             item = _id_value(rec, key)
         except ValueError as e:
-            hint = " (is this a metadata file of the same generation as the reviews?)" if "missing field" in str(e) else ""
+            hint = (" (is this a metadata file of the same generation as the reviews?)" if "missing field" in str(e)
+                    else "")
             stats.bad(path, lineno, f"{e}{hint}", skip)
             continue
         if item not in needed:

@@ -31,7 +31,8 @@ class Batch:
     neg: torch.Tensor | None = None
 
     def to(self, device: torch.device | str) -> "Batch":
-        return Batch(**{f.name: (None if getattr(self, f.name) is None else getattr(self, f.name).to(device, non_blocking=True))
+        return Batch(**{f.name: (None if getattr(self, f.name) is None
+                                 else getattr(self, f.name).to(device, non_blocking=True))
                         for f in fields(self)})
 
     def __len__(self) -> int:
@@ -55,7 +56,8 @@ class SampleSet:
         return self.target.shape[0]
 
     def batch(self, idx: torch.Tensor | slice) -> Batch:
-        return Batch(self.input_ids[idx], self.timestamps[idx], self.target[idx], self.user[idx], self.target_time[idx])
+        return Batch(self.input_ids[idx], self.timestamps[idx], self.target[idx], self.user[idx],
+                     self.target_time[idx])
 
     def history_of(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(row index within `rows`, item id) pairs of those rows' histories."""
@@ -78,7 +80,8 @@ class Split:
     skipped_users: int
 
 
-def _gather(data: SequenceData, pos: torch.Tensor, ctx_start: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _gather(data: SequenceData, pos: torch.Tensor, ctx_start: torch.Tensor,
+            n: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Left-padded windows flat[max(ctx_start, pos-n):pos] as (S, n) ids and times."""
     idx = pos.unsqueeze(1) - n + torch.arange(n).unsqueeze(0)
     valid = idx >= ctx_start.unsqueeze(1)

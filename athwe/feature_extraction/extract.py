@@ -31,7 +31,7 @@ from athwe.feature_extraction.image import (DEFAULT_IMAGE_MODEL, DEFAULT_PRETRAI
 from athwe.feature_extraction.items import (MAX_FIELD_CHARS, ItemTable, build_item_texts, read_item_table,
                                             read_meta_category_paths, template_fields, text_columns)
 from athwe.feature_extraction.store import (CAT_FILE, CAT_VOCAB_FILE, IMAGE_FILE, MANIFEST_FILE, MANIFEST_VERSION,
-                                            TEXT_FILE, features_dir, tensor_digest)
+                                            TEXT_FILE, features_dir, file_digest, tensor_digest)
 from athwe.feature_extraction.text import DEFAULT_TEXT_MODEL, TextEncoder, packaged_minilm_dir
 from athwe.utils import atomic_torch_save, atomic_write_json, fingerprint_tokens, resolve_device
 
@@ -153,10 +153,12 @@ def _extract_text(table: ItemTable, out: Path, name: str, item_tokens: list[str]
     if not ids:
         return {"status": "skipped", "reason": "no item has text", "missing": texts.missing}, None
     ids.sort(key=lambda i: (len(texts.texts[i]), i))  # similar lengths per batch: less padding
+    inputs = hashlib.sha256("\x00".join(texts.texts).encode("utf-8")).hexdigest()
     key = _hash({"kind": "text", "model": info, "bs": opts["batch_size"], "items": fingerprint_tokens(item_tokens),
-                 "texts": hashlib.sha256("\x00".join(texts.texts).encode("utf-8")).hexdigest()})
+                 "texts": inputs})
     work = _prepare_work_dir(out, "text", key)
-    log(f"text: {len(ids):,} items with {info['name']} ({enc.pooling} pooling, max {enc.max_length} tokens) on {device}")
+    log(f"text: {len(ids):,} items with {info['name']} ({enc.pooling} pooling, max {enc.max_length} tokens) "
+        f"on {device}")
 
     def compute(batch: list[int]) -> tuple[torch.Tensor, list[str | None]]:
         return enc.encode([texts.texts[i] for i in batch]), [None] * len(batch)
@@ -165,7 +167,7 @@ def _extract_text(table: ItemTable, out: Path, name: str, item_tokens: list[str]
     assert res.rows is not None
     reasons = {m["id"]: m["reason"] for m in texts.missing}
     entry = {
-        "status": "ok", "file": TEXT_FILE, "dim": int(res.rows.shape[1]), "model": info,
+        "status": "ok", "file": TEXT_FILE, "dim": int(res.rows.shape[1]), "model": info, "inputs": inputs,
         "fields": texts.fields, "template": texts.template, "max_field_chars": MAX_FIELD_CHARS,
         "blanked_long_fields": texts.blanked_fields, "count": int(res.ok.sum()),
         "missing_count": len(item_tokens) - 1 - int(res.ok.sum()),
@@ -231,7 +233,8 @@ def _extract_image(d: Path, out: Path, name: str, item_tokens: list[str], opts: 
         rows[[j for j, e in enumerate(errors) if e is None]] = emb
         return rows, errors
 
-    res = _run_batches(work, len(item_tokens), _batches(present, opts["batch_size"]), compute, "image", opts["progress"])
+    res = _run_batches(work, len(item_tokens), _batches(present, opts["batch_size"]), compute, "image",
+                       opts["progress"])
     downloads = _download_status(d)
     reasons: dict[int, str] = dict(res.errors)
     for i, p in files.items():
@@ -243,7 +246,9 @@ def _extract_image(d: Path, out: Path, name: str, item_tokens: list[str], opts: 
             "missing_count": len(item_tokens) - 1 - int(res.ok.sum()), "unreadable": len(res.errors)}
     if res.rows is None:
         return {"status": "skipped", "reason": "no image could be decoded", **base}, None
-    entry = {"status": "ok", "file": IMAGE_FILE, "dim": int(res.rows.shape[1]), **base,
+    # what the features were computed from: each item's image bytes (file_digest streams the file)
+    inputs = _hash({item_tokens[i]: file_digest(files[i]) for i in present})  # type: ignore[arg-type]
+    entry = {"status": "ok", "file": IMAGE_FILE, "dim": int(res.rows.shape[1]), "inputs": inputs, **base,
              "count": int(res.ok.sum()), "seconds": round(res.seconds, 3), "batches": res.batches,
              "batches_resumed": res.reused,
              "items_per_s": round(res.computed_items / res.seconds, 1) if res.computed_items and res.seconds else None}
@@ -398,5 +403,6 @@ def summarize(manifest: dict, out: Path | None = None) -> list[str]:
         else:
             lines.append(f"{label:10s} SKIPPED: {e.get('reason', '')}")
     if out is not None:
-        lines.append(f"written to {out} in {manifest['seconds']:.1f} s (item map {manifest['item_map']['fingerprint']})")
+        lines.append(f"written to {out} in {manifest['seconds']:.1f} s "
+                     f"(item map {manifest['item_map']['fingerprint']})")
     return lines

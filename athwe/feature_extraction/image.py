@@ -101,12 +101,14 @@ class ImageEncoder:
             raise FeatureError(f"image model {model!r}: pretrained {pretrained!r} is neither a known tag "
                                f"({', '.join(tags) or 'none'}) nor an existing checkpoint file")
         where = (f"the file {pretrained}" if pretrained and Path(pretrained).expanduser().is_file() else
-                 f"the Hugging Face cache {hub_cache_dir()}" + (" (offline mode)" if hub_offline() else " and the hub"))
+                 f"the Hugging Face cache {hub_cache_dir()}"
+                 + (" (offline mode)" if hub_offline() else " and the hub"))
         try:
             net, _, preprocess = open_clip.create_model_and_transforms(
-                model, pretrained=None if random_weights else (str(Path(pretrained).expanduser())
-                                                               if pretrained and Path(pretrained).expanduser().is_file()
-                                                               else pretrained),
+                model,
+                pretrained=None if random_weights else (str(Path(pretrained).expanduser())
+                                                        if pretrained and Path(pretrained).expanduser().is_file()
+                                                        else pretrained),
                 force_quick_gelu=quick_gelu, require_pretrained=not random_weights, cache_dir=cache_dir,
                 device="cpu")
         except Exception as e:  # noqa: BLE001 - open_clip raises RuntimeError/OSError/hub errors for missing weights

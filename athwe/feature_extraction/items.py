@@ -89,7 +89,8 @@ def read_meta_category_paths(dataset_dir: Path, name: str) -> dict[str, list[lis
     if not path.is_file():
         return None
     out: dict[str, list[list[str]]] = {}
-    for item, paths in read_meta(path, "categories", lambda v: isinstance(v, list), "categories must be a list of paths"):
+    for item, paths in read_meta(path, "categories", lambda v: isinstance(v, list),
+                                 "categories must be a list of paths"):
         out.setdefault(item, [[str(level) for level in p] for p in paths if isinstance(p, list)])
     return out
 
@@ -177,7 +178,8 @@ def text_columns(table: ItemTable, fields: list[str] | None = None, template: st
         columns = [c for c in (table.resolve(f) for f in DEFAULT_TEXT_FIELDS) if c is not None]
         if not columns:
             raise FeatureError(f"{table.path}: none of the default text fields (title, categories, brand or their "
-                               f"aliases) is a column; columns: {', '.join(table.columns)} (pass text fields or a template)")
+                               f"aliases) is a column; columns: {', '.join(table.columns)} "
+                               f"(pass text fields or a template)")
     return columns
 
 

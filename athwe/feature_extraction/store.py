@@ -41,8 +41,9 @@ class FeatureSet:
     """Frozen item features aligned to internal item ids (row i = item i, row 0 = padding).
 
     `text_mask` / `image_mask` are True where the item has that feature; rows where the mask is
-    False are zeros. `fingerprint` identifies the feature files plus the item map they were aligned
-    to, so derived data (e.g. cluster labels) can be cached against it.
+    False are zeros. `fingerprint` identifies what produced the features (item map, models, settings,
+    the items' inputs; see `producer_digest`), so a checkpoint can refuse features made differently
+    and derived data (e.g. cluster labels) can be cached against it.
     """
 
     text: torch.Tensor | None = None
@@ -95,6 +96,30 @@ def tensor_digest(t: torch.Tensor) -> str:
     h = hashlib.sha256(json.dumps(list(t.shape)).encode("utf-8"))
     h.update(t.numpy().tobytes())
     return h.hexdigest()
+
+
+#: the settings of a feature model that decide what it computes (not where its files lie, the device or
+#: the batch size, which move only the last bits of the embeddings)
+PRODUCER_KEYS = {
+    "text": ("name", "source", "revision", "package", "pooling", "normalize", "max_length", "model_type"),
+    "image": ("architecture", "pretrained", "random_weights", "pooling", "quick_gelu", "image_size"),
+}
+
+
+def producer_digest(key: str, info: dict) -> str | None:
+    """A digest of what produced a modality's features: the model, its weights (hub revision, package
+    version, or the local path when there is neither), the extraction settings and the items' inputs
+    (texts, image bytes), as the manifest records them. Features extracted again from the same inputs
+    with the same settings get the same digest, whatever the CPU or thread count. None for a manifest
+    entry without a record of its inputs (category features, older manifests): their values are hashed."""
+    model = info.get("model")
+    if key not in PRODUCER_KEYS or not isinstance(model, dict) or not isinstance(info.get("inputs"), str):
+        return None
+    record = {k: model.get(k) for k in PRODUCER_KEYS[key]}
+    if not (model.get("revision") or model.get("package")) and key == "text":
+        record["path"] = model.get("path")
+    record.update({k: info.get(k) for k in ("inputs", "fields", "template", "max_field_chars")})
+    return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode("utf-8")).hexdigest()
 
 
 def _read_vocab(path: Path) -> list | None:
@@ -219,7 +244,7 @@ def _load_ours(folder: Path, item_tokens: list[str]) -> FeatureSet:
         if sha and sha != digest:
             raise FeatureError(f"{path}: contents differ from what {mpath} records (file replaced or damaged); "
                                f"re-run `athwe extract --overwrite`")
-        parts.append(f"{key}:{digest}")
+        parts.append(f"{key}:{producer_digest(key, info) or digest}")
         if key == "text":
             fs.text = t
             fs.text_mask = _mask_from_missing(n_rows, info.get("missing", []), item_tokens, mpath, "text.missing")

@@ -95,7 +95,8 @@ def _sentence_transformers_settings(model_dir: Path | None) -> tuple[str | None,
                 pooling = "cls"
         modules = model_dir / "modules.json"
         if modules.is_file():
-            normalize = any("Normalize" in str(m.get("type", "")) for m in json.loads(modules.read_text(encoding="utf-8")))
+            normalize = any("Normalize" in str(m.get("type", ""))
+                            for m in json.loads(modules.read_text(encoding="utf-8")))
         st_cfg = model_dir / "sentence_bert_config.json"
         if st_cfg.is_file():
             max_len = json.loads(st_cfg.read_text(encoding="utf-8")).get("max_seq_length")

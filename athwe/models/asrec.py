@@ -16,7 +16,7 @@ items (specs/id-only-models.md, section ASRec). Reference code: WLHao0313/ASRec,
   norm='ortho'), which returns ES_t / sqrt(L): ``es_scale="reference"`` (default) keeps that
   factor, ``"exact"`` drops it (only v1's effective scale differs). The causal convolution is
   computed as the equivalent lower-triangular Toeplitz product (same numbers as the zero-padded
-  FFT convolution, several times faster on CPU at N around 50).
+  FFT convolution, and faster on CPU at the short lengths used here).
 * Layer: ``out = v3 * MHA(X) + (1 - v3) * SAMM(X)`` (v3 learnable, init 0.5), then FeedForward.
   Both attentions use the padding-only (bidirectional) mask of the reference.
 * SAMM: per-head attention -> GRU-like gate on [V, ctx] (reset/input gates, ``gelu(ctx + r*V)``)
@@ -60,9 +60,8 @@ from torch import nn
 from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model, stack_blocks
-from athwe.models.fearec import right_pad
 from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, attention_mask,
-                                 dropout, init_weights)
+                                 dropout, full_width, init_weights, ranking_loss, right_pad)
 
 KERNELS = (3, 5, 7)
 
@@ -269,7 +268,8 @@ def _mha_rows(mha: MultiHeadAttention, x: torch.Tensor, mask: torch.Tensor, rows
 class ASRecLayer(nn.Module):
     def __init__(self, c: ASRecConfig, n: int):
         super().__init__()
-        self.attention = MultiHeadAttention(c.hidden_size, c.num_heads, c.attn_dropout, c.hidden_dropout, c.layer_norm_eps)
+        self.attention = MultiHeadAttention(c.hidden_size, c.num_heads, c.attn_dropout, c.hidden_dropout,
+                                            c.layer_norm_eps)
         self.samm = SAMM(c, n)
         self.v3 = nn.Parameter(torch.tensor(float(c.v3_init)))
         self.feed_forward = FeedForward(c.hidden_size, c.inner_size, c.hidden_dropout, c.layer_norm_eps)
@@ -279,7 +279,8 @@ class ASRecLayer(nn.Module):
         return self.feed_forward(self.v3 * att + (1 - self.v3) * self.samm(x, mask, rows))
 
 
-@register_model("asrec", ASRecConfig, "ASRec: Fourier smoothing + hybrid MHA / multi-scale adaptive-filter attention (ID only)")
+@register_model("asrec", ASRecConfig,
+                "ASRec: Fourier smoothing + hybrid MHA / multi-scale adaptive-filter attention (ID only)")
 class ASRec(SequentialRecommender):
     supports_trimming = False  # conv over positions, AHFF and de-smoothing see every column
 
@@ -291,16 +292,10 @@ class ASRec(SequentialRecommender):
         self.layers = stack_blocks(lambda: ASRecLayer(c, max_seq_length), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))  # Linear/Embedding/LayerNorm only
 
-    def _full_width(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n, m = input_ids.shape[1], self.max_seq_length
-        if n > m:
-            return input_ids[:, -m:]
-        return F.pad(input_ids, (m - n, 0)) if n < m else input_ids
-
-    def encode(self, input_ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read-out vectors (B, d) and, with `full`, the last layer's (B, N, d) output (right-padded
         layout). Without `full` the last layer's MHA, dense and FeedForward run at the read-out only."""
-        ids, lengths = right_pad(self._full_width(input_ids))
+        ids, lengths = right_pad(full_width(input_ids, self.max_seq_length))
         b = ids.shape[0]
         rows = (lengths - 1).clamp(min=0)
         x = self.fsm(self.embedding(ids))
@@ -313,7 +308,12 @@ class ASRec(SequentialRecommender):
         return x.gather(1, rows.view(b, 1, 1).expand(b, 1, x.shape[-1]))[:, 0], x
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
-        return self.encode(batch.input_ids)[0]
+        return self(batch.input_ids)[0]
 
     def item_vectors(self) -> torch.Tensor:
         return self.embedding.item.weight
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        query = self(batch.input_ids)[0]
+        return ranking_loss(query, self.item_vectors(), batch.target, batch.neg, self.loss_type,
+                            self.config.ce_padding)

@@ -16,18 +16,17 @@ The model of specs/athwe.md, one block per step of its forward pass:
 6. scores = [w_id s_id, w_t s_t, w_v s_v] . [E_id, P_t T, P_v V] with w = softmax(a): the query and
    item vectors' inner product, so one inner-product index reproduces the ranking exactly.
 
-Losses (``loss``): the base class's CE (or BCE) through ``query_vectors``/``item_vectors``, plus in
-``extra_loss``: ID contrastive (InfoNCE, same-target rows out of the denominator), category
-prediction and cluster pseudo-label CE over exactly the valid input positions, temporal contrastive
-(floor(len * beta) random valid positions of the text/image streams replaced by a time
-placeholder), and the expert diversity loss; each weighted by the config.
+``forward`` runs these steps and returns an ``ATHWEOutput``. ``loss`` runs it once (with the
+temporal-contrast views) and adds to the ranking loss (CE or BCE of the query against the item
+vectors): ID contrastive (InfoNCE, same-target rows out of the denominator), category prediction and
+cluster pseudo-label CE over exactly the valid input positions, temporal contrastive (floor(len *
+beta) random valid positions of the text/image streams replaced by a time placeholder), and the
+expert diversity loss; each weighted by the config.
 
 Items without a feature (mask False) use a learned "missing" vector in place of their projected
 feature and are never cluster targets; items with no category are not CP targets, and without
 category features at all the CP term is off. The feature tables are buffers that are not saved;
-the checkpoint records their fingerprint and a sketch of their values, and refuses to load onto
-other features (features extracted again, whose values agree with the sketch to within
-SKETCH_TOLERANCE, load with a warning). Fixes of the
+the checkpoint records their fingerprint and refuses to load onto other features. Fixes of the
 reference (specs/athwe.md): experts are registered, CP/cluster losses use a flattened mask, TCL
 masks floor(len * beta) positions, no hard-coded device, K-medoids memory-bounded and cached.
 """
@@ -46,7 +45,7 @@ from athwe.dataset.sequences import format_seconds
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
-from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_weights, lookup
+from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_weights, lookup, ranking_loss
 
 MODALITIES = ("id", "text", "image")
 FEATURE_MODALITIES = ("text", "image")
@@ -115,7 +114,8 @@ class ATHWEConfig(EncoderConfig):
         self.time_scale = ts if isinstance(ts, str) else float(ts)
         mods = list(self.modalities) if isinstance(self.modalities, (list, tuple)) else None
         if not mods or len(set(mods)) != len(mods) or any(m not in MODALITIES for m in mods):
-            raise ConfigError(f"athwe: modalities must be a non-empty subset of {list(MODALITIES)}, got {self.modalities!r}")
+            raise ConfigError(f"athwe: modalities must be a non-empty subset of {list(MODALITIES)}, "
+                              f"got {self.modalities!r}")
         self.modalities = mods
         iw = self.initializer_weight
         if not isinstance(iw, (list, tuple)) or len(iw) != 3 or not all(isinstance(v, (int, float)) for v in iw):
@@ -127,7 +127,8 @@ class ATHWEConfig(EncoderConfig):
             raise ConfigError(f"athwe: need 1 <= moe_topk ({self.moe_topk}) <= routed_experts ({self.routed_experts}) "
                               f"and shared_experts >= 0 ({self.shared_experts})")
         if self.time_span < 1 or (self.time_scale != "auto" and self.time_scale <= 0):
-            raise ConfigError(f"athwe: time_span must be >= 1 and time_scale > 0, got {self.time_span}, {self.time_scale}")
+            raise ConfigError(f"athwe: time_span must be >= 1 and time_scale > 0, "
+                              f"got {self.time_span}, {self.time_scale}")
         if not 0.0 <= self.beta <= 1.0:
             raise ConfigError(f"athwe: beta must be in [0, 1], got {self.beta}")
         if self.copy_first_block:
@@ -212,7 +213,8 @@ class WaveletAlign(nn.Module):
         self.weight = nn.Parameter(torch.tensor(init_weight, dtype=torch.float32))
         self._operators: dict[tuple, tuple[torch.Tensor, torch.Tensor, list[int]]] = {}
 
-    def operators(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def operators(self, n: int, device: torch.device,
+                  dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         """(analysis (L, T), synthesis (T, L), band lengths) of the J-level transform for length L:
         coefficients = x @ analysis, split into [low, detail_1, ..., detail_J]; IDWT(...)[:L] =
         coefficients @ synthesis. Built outside inference mode, so a first call while evaluating
@@ -223,7 +225,8 @@ class WaveletAlign(nn.Module):
                 self._operators[key] = self._build_operators(n, device, dtype)
         return self._operators[key]
 
-    def _build_operators(self, n: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+    def _build_operators(self, n: int, device: torch.device,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
         dwt, idwt = copy.deepcopy(self.dwt).cpu().double(), copy.deepcopy(self.idwt).cpu().double()
         low, highs = dwt(torch.eye(n, dtype=torch.float64).unsqueeze(1))
         bands = [low, *highs]
@@ -272,7 +275,8 @@ class SparseMoE(nn.Module):
         self.experts = nn.Parameter(torch.empty(n_routed, dim).normal_(0.0, std))
         self.shared = nn.Parameter(torch.empty(n_shared, dim).normal_(0.0, std)) if n_shared else None
 
-    def forward(self, x: torch.Tensor, routing: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x: torch.Tensor, routing: torch.Tensor,
+                valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x, routing (N, D); valid (N,) bool. Returns the output (N, D) and the mean off-diagonal
         cosine similarity between the routed experts' outputs over the valid tokens."""
         probs = torch.softmax(self.router(routing), dim=-1)
@@ -293,8 +297,10 @@ class SparseMoE(nn.Module):
 
 
 @dataclass
-class _Forward:
-    """Intermediate results of one forward pass, kept for the auxiliary losses."""
+class ATHWEOutput:
+    """What one forward pass computes: the (possibly cropped) input ids and their validity, the
+    per-modality item tables and their concatenation (the item vectors), the query vectors, each
+    modality's read-out (and its temporal-contrast view), and the experts' diversity loss."""
 
     ids: torch.Tensor
     valid: torch.Tensor
@@ -304,39 +310,6 @@ class _Forward:
     seq: dict[str, torch.Tensor]
     augmented: dict[str, torch.Tensor]
     diversity: torch.Tensor | None
-
-
-#: a checkpoint's feature sketch: per feature table, each item row's projections on this many fixed
-#: random unit directions, and whether the item has the feature
-SKETCH_DIRECTIONS = 3
-#: sketches that agree to within this (absolute, plus the same relative) on every entry are the
-#: same features: re-extraction on another CPU or thread count moves an embedding row by ~1e-6 at
-#: most (MiniLM on ml-100k: entries differ by at most 2.7e-7), a changed item text by ~1e-1
-SKETCH_TOLERANCE = 1e-4
-
-
-def feature_sketch(tables: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
-    """(rows, tables * (SKETCH_DIRECTIONS + 1)) float32 summary of (feature table, has-feature mask)
-    pairs: row i's projections on fixed random unit directions (seeded by the table's width) and its
-    mask. Unlike the fingerprint it can be compared within a tolerance; (0, 0) for no tables."""
-    cols: list[torch.Tensor] = []
-    for table, has in tables:
-        g = torch.Generator().manual_seed(int(table.shape[1]))
-        w = torch.randn(table.shape[1], SKETCH_DIRECTIONS, generator=g, dtype=torch.float64)
-        w = w / w.norm(dim=0, keepdim=True)
-        cols.append((table.detach().cpu().double() @ w).float())
-        cols.append(has.detach().cpu().float().unsqueeze(1))
-    return torch.cat(cols, 1) if cols else torch.zeros(0, 0)
-
-
-def sketch_difference(saved: Any, mine: torch.Tensor) -> float | None:
-    """The largest difference between a saved and a current feature sketch, scaled by the tolerance's
-    relative part (<= SKETCH_TOLERANCE: the same features); None when they cannot be compared
-    (no saved sketch, other shapes, or no features)."""
-    if not isinstance(saved, torch.Tensor) or saved.shape != mine.shape or mine.numel() == 0:
-        return None
-    a, b = saved.detach().cpu().double(), mine.detach().cpu().double()
-    return float(((a - b).abs() / (1.0 + b.abs())).max())
 
 
 def _fingerprint_tensor(fp: str) -> torch.Tensor:
@@ -361,17 +334,9 @@ class ATHWE(SequentialRecommender):
         c = config
         self.modalities = [m for m in MODALITIES if m in c.modalities]
         h, n_mod = c.hidden_size, len(self.modalities)
-        self._state: _Forward | None = None
-        self.last_loss_terms: dict[str, torch.Tensor] = {}
 
         fingerprint = self._register_features(features, n_items)
         self.register_buffer("feature_fingerprint", _fingerprint_tensor(fingerprint))
-        #: lets a checkpoint load onto features extracted again, whose fingerprint differs while their
-        #: values agree to within SKETCH_TOLERANCE (checkpoints from before it existed lack it)
-        self.register_buffer("feature_sketch", feature_sketch(self._feature_tables()))
-        #: fingerprints of other feature files whose checkpoints this model loads (the trainer fills
-        #: it from a run's features.json: a run resumed on re-extracted features)
-        self.accepted_feature_fingerprints: set[str] = set()
         self.register_load_state_dict_pre_hook(self._before_load)
 
         # 1. inputs
@@ -384,7 +349,8 @@ class ATHWE(SequentialRecommender):
         self.position = nn.Embedding(max_seq_length, h)
         # 2. wavelet alignment
         init_w = [c.initializer_weight[MODALITIES.index(m)] for m in self.modalities]
-        self.fusion = WaveletAlign(n_mod, h, c.wavelet_J, c.wavelet_name, init_w, c.initializer_range) if c.wavelet else None
+        self.fusion = (WaveletAlign(n_mod, h, c.wavelet_J, c.wavelet_name, init_w, c.initializer_range)
+                       if c.wavelet else None)
         # 3./4. time encoding and experts
         self.tcl_modalities = [m for m in self.modalities if m in FEATURE_MODALITIES] if c.phcl_weight > 0 else []
         if (c.moe and c.time_routing) or self.tcl_modalities:
@@ -427,7 +393,8 @@ class ATHWE(SequentialRecommender):
 
         needed = [m for m in self.modalities if m in FEATURE_MODALITIES]
         if features is None and (needed or self.config.cp_weight > 0):
-            raise AthweError("athwe needs item features (text, image, categories): run `athwe extract --dataset NAME`, "
+            raise AthweError("athwe needs item features (text, image, categories): "
+                             "run `athwe extract --dataset NAME`, "
                              "or set model_args.modalities=[id] and model_args.cp_weight=0")
         rows = n_items + 1
         for m in needed:
@@ -440,7 +407,8 @@ class ATHWE(SequentialRecommender):
                 raise AthweError(f"athwe: {m} features have shape {tuple(table.shape)}, expected ({rows}, d) for "
                                  f"{n_items} items (features extracted for another item map?)")
             mask = getattr(features, f"{m}_mask", None)
-            has = torch.ones(rows, dtype=torch.bool) if mask is None else torch.as_tensor(mask, dtype=torch.bool).clone()
+            has = (torch.ones(rows, dtype=torch.bool) if mask is None
+                   else torch.as_tensor(mask, dtype=torch.bool).clone())
             if has.shape != (rows,):
                 raise AthweError(f"athwe: {m}_mask has shape {tuple(has.shape)}, expected ({rows},)")
             has[0] = False
@@ -467,40 +435,18 @@ class ATHWE(SequentialRecommender):
             parts.append(content_fingerprint(cat, None))
         return "-".join(parts)
 
-    def _feature_tables(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """The (table, has-feature mask) pairs the model reads, in a fixed order."""
-        tables = [(getattr(self, f"{m}_raw"), getattr(self, f"{m}_has"))
-                  for m in self.modalities if m in FEATURE_MODALITIES]
-        if self.cat is not None:
-            tables.append((self.cat, self.cat_has))
-        return tables
-
-    def same_features_as(self, state_dict: dict[str, Any], prefix: str = "") -> bool:
-        """Whether a state dict's features are this model's: the same fingerprint, or (features
-        extracted again) a feature sketch within SKETCH_TOLERANCE of this model's."""
-        saved = state_dict.get(prefix + "feature_fingerprint")
-        if saved is None or torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
-            return True
-        diff = sketch_difference(state_dict.get(prefix + "feature_sketch"), self.feature_sketch)
-        return diff is not None and diff <= SKETCH_TOLERANCE
-
     def _before_load(self, module: nn.Module, state_dict: dict[str, Any], prefix: str, *args: Any) -> None:
-        """Refuse a checkpoint trained on other features (features extracted again whose values
-        agree with the checkpoint's sketch load, with a warning); take its resolved time scale (a
-        checkpoint saved before the scale was kept with the model gets the configured one)."""
+        """Refuse a checkpoint trained on other features; drop the feature sketch that older
+        checkpoints carry; take the checkpoint's resolved time scale (one saved before the scale was
+        kept with the model gets the configured one)."""
         saved = state_dict.get(prefix + "feature_fingerprint")
         if saved is not None and not torch.equal(saved.cpu(), self.feature_fingerprint.cpu()):
             got = fingerprint_text(saved) or "none"
             mine = fingerprint_text(self.feature_fingerprint) or "none"
-            if got not in self.accepted_feature_fingerprints:
-                if not self.same_features_as(state_dict, prefix):
-                    raise AthweError(f"athwe: checkpoint was trained on features {got}, but the loaded features "
-                                     f"are {mine} (extracted again since?)")
-                warnings.warn(f"athwe: the checkpoint was trained on features {got}; the loaded features {mine} "
-                              f"agree with them to within {SKETCH_TOLERANCE:g} on every item (extracted again, "
-                              f"e.g. on another CPU), so it loads", stacklevel=2)
-            state_dict[prefix + "feature_fingerprint"] = self.feature_fingerprint.detach().clone()
-        state_dict[prefix + "feature_sketch"] = self.feature_sketch.detach().clone()
+            raise AthweError(f"athwe: the checkpoint was trained on features {got}, but the loaded features are "
+                             f"{mine}: they were produced differently (other extractor, settings, items or texts); "
+                             f"re-extract them with the run's settings, or train a new run")
+        state_dict.pop(prefix + "feature_sketch", None)
         key = prefix + "time_scale_s"
         if key not in state_dict:
             state_dict[key] = self.time_scale_s.detach().clone()
@@ -569,7 +515,8 @@ class ATHWE(SequentialRecommender):
         ts, ids = pair
         notes = []
         if c.time_scale == "auto":
-            notes.append(f"athwe: time_scale auto = {format_seconds(self.time_scale)} ({AUTO_TIME_QUANTILE:.0%} quantile of "
+            notes.append(f"athwe: time_scale auto = {format_seconds(self.time_scale)} "
+                         f"({AUTO_TIME_QUANTILE:.0%} quantile of "
                          "the positive gaps in the training data)")
         gaps = (ts[:, 1] - ts[:, 0]).clamp(min=0.0)
         bucket = time_buckets(ts, ids > 0, c.time_span, self.time_scale)[:, 1]
@@ -608,22 +555,29 @@ class ATHWE(SequentialRecommender):
             z = block(z, mask, last_only=i == len(blocks) - 1)
         return z[:, -1]
 
-    def _forward(self, batch: Batch, with_tcl: bool) -> _Forward:
+    def forward(self, input_ids: torch.Tensor, timestamps: torch.Tensor, with_tcl: bool = False) -> ATHWEOutput:
+        """Steps 1-6 of the module docstring on left-padded (B, L) ids and their timestamps (the last
+        max_seq_length columns are used). With `with_tcl` (training) the text and image streams are
+        also encoded with floor(len * beta) random valid positions replaced by their time placeholder."""
         c = self.config
-        ids, ts = batch.input_ids, batch.timestamps
+        ids, ts = input_ids, timestamps
         if ids.shape[1] > self.max_seq_length:
             ids, ts = ids[:, -self.max_seq_length:], ts[:, -self.max_seq_length:]
         b, n = ids.shape
         valid = ids > 0
+        # 1. per-modality inputs plus the shared position embedding, zero at padding
         tables = self.item_tables()
         pos = self.position(torch.arange(self.max_seq_length - n, self.max_seq_length, device=ids.device))
         x = torch.stack([lookup(tables[m], ids) for m in self.modalities], 2) + pos.view(1, n, 1, -1)
         x = x * valid.view(b, n, 1, 1).to(x.dtype)  # (B, L, M, H), zero at padding
+        # 2. wavelet alignment across modalities
         if self.fusion is not None:
             x = self.fusion(x)
+        # 3. gap-based time encoding
         tau = None
         if hasattr(self, "time_embedding"):
             tau = self.time_embedding(time_buckets(ts, valid, c.time_span, self.time_scale))
+        # 4. shared + routed experts over the fused tokens
         diversity = None
         if c.moe:
             flat = x.reshape(b * n, -1)
@@ -633,6 +587,7 @@ class ATHWE(SequentialRecommender):
                 routing = flat
             out, diversity = self.moe(flat, routing, valid.reshape(-1))
             x = out.view(x.shape)
+        # 5. per-modality encoders (and, for temporal contrast, the placeholder views), last position
         mask = attention_mask(ids, causal=True)
         placed = tcl_mask(valid, c.beta).unsqueeze(-1) if with_tcl and self.tcl_modalities else None
         seq: dict[str, torch.Tensor] = {}
@@ -645,19 +600,16 @@ class ATHWE(SequentialRecommender):
                 seq[m], augmented[m] = both[:b], both[b:]
             else:
                 seq[m] = self._encode_stream(m, h, mask)
+        # 6. weighted concatenation: query . items is the score
         w = torch.softmax(self.fusion_weights, 0) if self.fusion_weights is not None else x.new_ones(1)
         query = torch.cat([w[i] * seq[m] for i, m in enumerate(self.modalities)], -1)
         items = torch.cat([tables[m] for m in self.modalities], -1)
-        return _Forward(ids, valid, tables, items, query, seq, augmented, diversity)
+        return ATHWEOutput(ids, valid, tables, items, query, seq, augmented, diversity)
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
-        if self._state is not None:  # set by loss(): the training forward pass
-            return self._state.query
-        return self._forward(batch, with_tcl=False).query
+        return self(batch.input_ids, batch.timestamps).query
 
     def item_vectors(self) -> torch.Tensor:
-        if self._state is not None:
-            return self._state.items
         return torch.cat([t for t in self.item_tables().values()], -1)
 
     # -- losses ------------------------------------------------------------------------------
@@ -687,29 +639,21 @@ class ATHWE(SequentialRecommender):
         return torch.stack(losses).mean(), torch.stack(counts)
 
     def loss(self, batch: Batch) -> torch.Tensor:
-        self._state = self._forward(batch, with_tcl=True)
-        try:
-            return super().loss(batch)
-        finally:
-            self._state = None
-
-    def extra_loss(self, batch: Batch, query: torch.Tensor) -> torch.Tensor | None:
-        st = self._state
-        if st is None:
-            return None
+        """The ranking loss plus the weighted auxiliary terms, all from one forward pass."""
         c = self.config
-        terms: dict[str, torch.Tensor] = {}
+        out = self(batch.input_ids, batch.timestamps, with_tcl=True)
+        main = ranking_loss(out.query, out.items, batch.target, batch.neg, self.loss_type, c.ce_padding)
+        terms: list[torch.Tensor] = []
         if "id" in self.modalities and c.idcl_weight > 0:
             target = batch.target
-            terms["idcl"] = c.idcl_weight * info_nce(st.seq["id"], self.item_embedding(target), target, c.temperature)
+            terms.append(c.idcl_weight * info_nce(out.seq["id"], self.item_embedding(target), target, c.temperature))
         if hasattr(self, "cat_head"):
-            terms["cp"] = c.cp_weight * self.category_loss(st.ids, st.items)[0]
+            terms.append(c.cp_weight * self.category_loss(out.ids, out.items)[0])
         if hasattr(self, "cluster_heads") and len(self.cluster_heads):
-            terms["cluster"] = c.cluster_weight * self.cluster_loss(st.ids, st.tables)[0]
-        if st.augmented:
-            tcl = [info_nce(st.seq[m], st.augmented[m], batch.target, c.phcl_temperature) for m in st.augmented]
-            terms["tcl"] = c.phcl_weight * torch.stack(tcl).mean()
-        if st.diversity is not None and c.diversity_weight > 0:
-            terms["diversity"] = c.diversity_weight * c.cosine_lambda * st.diversity
-        self.last_loss_terms = {k: v.detach() for k, v in terms.items()}
-        return sum(terms.values()) if terms else None
+            terms.append(c.cluster_weight * self.cluster_loss(out.ids, out.tables)[0])
+        if out.augmented:
+            tcl = [info_nce(out.seq[m], out.augmented[m], batch.target, c.phcl_temperature) for m in out.augmented]
+            terms.append(c.phcl_weight * torch.stack(tcl).mean())
+        if out.diversity is not None and c.diversity_weight > 0:
+            terms.append(c.diversity_weight * c.cosine_lambda * out.diversity)
+        return main + sum(terms) if terms else main

@@ -1,10 +1,13 @@
 """The model contract the harness relies on, and the registry of models by name.
 
 A model is an nn.Module with:
-- ``loss(batch)``: scalar training loss for a Batch;
+- ``forward(input_ids, ...)``: its sequence encoding, written out in the model's own file;
+- ``loss(batch)``: scalar training loss for a Batch (``layers.ranking_loss`` plus the model's own
+  auxiliary terms);
 - ``scores(batch)``: (B, n_items + 1) scores of every item;
 - ``query_vectors(batch)`` (B, D) and ``item_vectors()`` (n_items + 1, D) whose inner product
   equals ``scores`` (so an inner-product index reproduces the model's ranking exactly).
+A model keeps no results from one call for the next.
 """
 from __future__ import annotations
 
@@ -14,15 +17,11 @@ import typing
 from typing import Any, Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from athwe.config import coerce_setting
+from athwe.config import LOSSES, coerce_setting
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import ConfigError
-from athwe.models.layers import attention_mask, lookup
-
-LOSSES = ("ce", "bce")
 
 
 def stack_blocks(make: Callable[[], nn.Module], num: int, copy_first: bool = False) -> nn.ModuleList:
@@ -74,7 +73,8 @@ class EncoderConfig:
             if getattr(self, key) < 1:
                 raise ConfigError(f"{name}: {key} must be >= 1, got {getattr(self, key)}")
         if self.hidden_size % self.num_heads:
-            raise ConfigError(f"{name}: hidden_size {self.hidden_size} is not a multiple of num_heads {self.num_heads}")
+            raise ConfigError(f"{name}: hidden_size {self.hidden_size} is not a multiple of "
+                              f"num_heads {self.num_heads}")
         for key in ("hidden_dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ConfigError(f"{name}: {key} must be in [0, 1), got {getattr(self, key)}")
@@ -84,7 +84,7 @@ class EncoderConfig:
 
 
 class SequentialRecommender(nn.Module):
-    """Base class: subclasses implement ``query_vectors`` and ``item_vectors``; ``extra_loss`` is optional."""
+    """Base class: subclasses implement ``forward``, ``loss``, ``query_vectors`` and ``item_vectors``."""
 
     #: True when outputs ignore padded positions exactly, so evaluation may drop all-padding columns
     supports_trimming: bool = False
@@ -106,6 +106,9 @@ class SequentialRecommender(nn.Module):
         carries no signal under the current config); the trainer prints them before training."""
         return []
 
+    def loss(self, batch: Batch) -> torch.Tensor:
+        raise NotImplementedError
+
     def query_vectors(self, batch: Batch) -> torch.Tensor:
         raise NotImplementedError
 
@@ -114,48 +117,6 @@ class SequentialRecommender(nn.Module):
 
     def scores(self, batch: Batch) -> torch.Tensor:
         return self.query_vectors(batch) @ self.item_vectors().t()
-
-    def extra_loss(self, batch: Batch, query: torch.Tensor) -> torch.Tensor | None:
-        """Auxiliary losses added to the main loss (contrastive terms and the like)."""
-        return None
-
-    def loss(self, batch: Batch) -> torch.Tensor:
-        q = self.query_vectors(batch)
-        items = self.item_vectors()
-        if self.loss_type == "ce":
-            logits = q @ items.t()
-            if not getattr(self.config, "ce_padding", False):
-                logits[:, 0] = float("-inf")  # padding is never a valid prediction
-            main = F.cross_entropy(logits, batch.target)
-        else:
-            if batch.neg is None:
-                raise ValueError("BCE loss needs sampled negatives in batch.neg")
-            pos = (q * lookup(items, batch.target)).sum(-1)
-            neg = (q * lookup(items, batch.neg)).sum(-1)
-            main = (F.softplus(-pos) + F.softplus(neg)).mean()  # -log sig(pos) - log(1 - sig(neg))
-        extra = self.extra_loss(batch, q)
-        return main if extra is None else main + extra
-
-
-class StackedEncoder(SequentialRecommender):
-    """A model built as ``self.embedding`` (items + positions, athwe.models.layers.SequenceEmbedding)
-    followed by ``self.blocks`` called as ``block(x, causal_mask, last_only)``; its query is the
-    last position's hidden state and its item vectors are the item embedding table."""
-
-    def encode(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """(B, N, d) hidden states; with `last_only` the final block computes the last position
-        alone, (B, 1, d), which is all the readout needs (identical values, about half the work)."""
-        x = self.embedding(input_ids)
-        mask = attention_mask(input_ids, causal=True)
-        for i, block in enumerate(self.blocks):
-            x = block(x, mask, last_only and i == len(self.blocks) - 1)
-        return x
-
-    def query_vectors(self, batch: Batch) -> torch.Tensor:
-        return self.encode(batch.input_ids, last_only=True)[:, -1]
-
-    def item_vectors(self) -> torch.Tensor:
-        return self.embedding.item.weight
 
 
 @dataclasses.dataclass

@@ -22,10 +22,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
-from athwe.models.base import EncoderConfig, StackedEncoder, register_model, stack_blocks
-from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, dropout,
-                                 init_weights)
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model, stack_blocks
+from athwe.models.layers import (Dropout, FeedForward, MultiHeadAttention, SequenceEmbedding, attention_mask, dropout,
+                                 init_weights, ranking_loss)
 
 
 @dataclass
@@ -120,7 +121,8 @@ class BSARecBlock(nn.Module):
         super().__init__()
         self.alpha = c.alpha
         self.filter = FrequencyLayer(c.hidden_size, seq_len, c.c, c.hidden_dropout, c.layer_norm_eps)
-        self.attention = FoldedAttention(c.hidden_size, c.num_heads, c.attn_dropout, c.hidden_dropout, c.layer_norm_eps)
+        self.attention = FoldedAttention(c.hidden_size, c.num_heads, c.attn_dropout, c.hidden_dropout,
+                                         c.layer_norm_eps)
         self.feed_forward = FeedForward(c.hidden_size, c.inner_size, c.hidden_dropout, c.layer_norm_eps)
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
@@ -130,7 +132,7 @@ class BSARecBlock(nn.Module):
 
 
 @register_model("bsarec", BSARecConfig, "BSARec: low-pass inductive bias + causal self-attention (ID only)")
-class BSARec(StackedEncoder):
+class BSARec(SequentialRecommender):
     """BSARec: low-pass inductive bias + causal self-attention (ID only)."""
 
     supports_trimming = False  # the low-pass filter sees the padding positions, as in the reference
@@ -147,3 +149,24 @@ class BSARec(StackedEncoder):
         self.embedding = SequenceEmbedding(n_items, max_seq_length, c.hidden_size, c.hidden_dropout, c.layer_norm_eps)
         self.blocks = stack_blocks(lambda: BSARecBlock(c, max_seq_length), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read-out vectors (B, d) at the last position and, with `full`, the last block's whole
+        output (B, N, d). Without `full` the last block computes the last position alone (same values)."""
+        x = self.embedding(input_ids)
+        mask = attention_mask(input_ids, causal=True)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, i == last and not full)
+        return x[:, -1], (x if full else None)
+
+    def query_vectors(self, batch: Batch) -> torch.Tensor:
+        return self(batch.input_ids)[0]
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.embedding.item.weight
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        query = self(batch.input_ids)[0]
+        return ranking_loss(query, self.item_vectors(), batch.target, batch.neg, self.loss_type,
+                            self.config.ce_padding)

@@ -54,7 +54,8 @@ from torch import nn
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import ConfigError
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
-from athwe.models.layers import Dropout, FeedForward, SequenceEmbedding, attention_mask, dropout, init_weights
+from athwe.models.layers import (Dropout, FeedForward, SequenceEmbedding, attention_mask, dropout, full_width,
+                                 init_weights, ranking_loss, right_pad)
 
 VARIANTS = {
     "official": {"topk_factor": 1.0, "freq_reg": "off", "padding": "right"},
@@ -138,15 +139,6 @@ def info_nce(z_i: torch.Tensor, z_j: torch.Tensor, tau: float = 1.0, sim: str = 
     return F.cross_entropy(logits, pair)
 
 
-def right_pad(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Left-padded (B, N) ids -> right-padded ids (first item at column 0) and lengths (B,)."""
-    n = input_ids.shape[1]
-    lengths = (input_ids > 0).sum(1)
-    src = torch.arange(n, device=input_ids.device).unsqueeze(0) + (n - lengths).unsqueeze(1)
-    out = input_ids.gather(1, src.clamp(max=n - 1))
-    return out.masked_fill(src >= n, 0), lengths
-
-
 class SameTargetSampler:
     """Random same-target training sequences for a batch, fully vectorised.
 
@@ -208,8 +200,8 @@ def band_projection(n: int, left: int, right: int) -> torch.Tensor:
 class HybridAttention(nn.Module):
     """One FEARec mixer: auto-correlation over the layer's band + band-limited time attention.
 
-    The FFTs of the reference are replaced by exactly equivalent real matrix products (several
-    times faster on CPU for N around 50): band limiting is the projection `band_projection`, and
+    The FFTs of the reference are replaced by exactly equivalent real matrix products (faster on
+    CPU at the short lengths used here): band limiting is the projection `band_projection`, and
     the channel-averaged auto-correlation irfft(band(Qf) conj(Kf))[tau] equals
     (1/d) sum_t (P Q)[(t + tau) mod N] . K[t], the circular diagonal sums of (P Q) K^T. The lag
     aggregation sum_j w_j roll(V, -tau_j) is the circulant matrix C[t, s] = c[(s - t) mod N] with
@@ -308,7 +300,8 @@ class FEARecBlock(nn.Module):
         return self.feed_forward(self.attention(x, mask, groups, rows))
 
 
-@register_model("fearec", FEARecConfig, "FEARec: frequency-ramp hybrid (auto-correlation + time) attention, same-target contrast (ID only)")
+@register_model("fearec", FEARecConfig,
+                "FEARec: frequency-ramp hybrid (auto-correlation + time) attention, same-target contrast (ID only)")
 class FEARec(SequentialRecommender):
     supports_trimming = False  # the FFT branches see every column, padding included
 
@@ -319,21 +312,13 @@ class FEARec(SequentialRecommender):
         self.blocks = nn.ModuleList(FEARecBlock(c, max_seq_length, i) for i in range(c.num_layers))
         self.apply(lambda m: init_weights(m, c.initializer_range))
         self.sampler: SameTargetSampler | None = None
-        self._views: tuple[torch.Tensor, ...] | None = None
 
-    # -- encoder -----------------------------------------------------------------------------
-    def _full_width(self, input_ids: torch.Tensor) -> torch.Tensor:
-        n, m = input_ids.shape[1], self.max_seq_length
-        if n > m:
-            return input_ids[:, -m:]
-        return F.pad(input_ids, (m - n, 0)) if n < m else input_ids
-
-    def encode(self, input_ids: torch.Tensor, groups: int = 1,
-               full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def forward(self, input_ids: torch.Tensor, groups: int = 1,
+                full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read-out vectors (B, d) and, with `full`, the whole last-layer output (B, N, d) in the
         model's internal layout. Without `full` the last block runs at the read-out position only.
         `groups` > 1 marks the batch as that many stacked views (batch-mean lags per view)."""
-        ids = self._full_width(input_ids)
+        ids = full_width(input_ids, self.max_seq_length)
         b, n = ids.shape
         if self.config.padding == "right":
             ids, lengths = right_pad(ids)
@@ -350,14 +335,11 @@ class FEARec(SequentialRecommender):
         return x.gather(1, rows.view(b, 1, 1).expand(b, 1, x.shape[-1]))[:, 0], x
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
-        if self._views is not None:  # set by loss(): the main view of the stacked training pass
-            return self._views[0]
-        return self.encode(batch.input_ids)[0]
+        return self(batch.input_ids)[0]
 
     def item_vectors(self) -> torch.Tensor:
         return self.embedding.item.weight
 
-    # -- training ----------------------------------------------------------------------------
     def prepare(self, train: SampleSet) -> None:
         device = self.embedding.item.weight.device
         self.sampler = SameTargetSampler(train, self.n_items).to(device)
@@ -374,31 +356,25 @@ class FEARec(SequentialRecommender):
         return sampler.sample(batch.input_ids, batch.user, batch.target)
 
     def loss(self, batch: Batch) -> torch.Tensor:
+        """The ranking loss of the main view; in training, plus lmd_sem * InfoNCE(z_aug, z_sem) and the
+        optional frequency regulariser, with (main, aug, sem) encoded as one stacked 3B batch."""
         c = self.config
         if not self.training or (c.lmd_sem <= 0 and c.freq_reg == "off"):
-            return super().loss(batch)
+            query = self(batch.input_ids)[0]
+            return ranking_loss(query, self.item_vectors(), batch.target, batch.neg, self.loss_type, c.ce_padding)
         sem = self.same_target_inputs(batch)
-        ids = torch.cat([self._full_width(batch.input_ids)] * 2 + [self._full_width(sem)], 0)
-        read, seq = self.encode(ids, groups=3, full=c.freq_reg == "sequence")
+        m = self.max_seq_length
+        ids = torch.cat([full_width(batch.input_ids, m)] * 2 + [full_width(sem, m)], 0)
+        read, seq = self(ids, groups=3, full=c.freq_reg == "sequence")
         b = len(batch)
-        self._views = (read[:b], read[b:2 * b], read[2 * b:], seq)
-        try:
-            return super().loss(batch)
-        finally:
-            self._views = None
-
-    def extra_loss(self, batch: Batch, query: torch.Tensor) -> torch.Tensor | None:
-        if self._views is None:
-            return None
-        c = self.config
-        _, z_aug, z_sem, seq = self._views
+        query, z_aug, z_sem = read[:b], read[b:2 * b], read[2 * b:]
+        main = ranking_loss(query, self.item_vectors(), batch.target, batch.neg, self.loss_type, c.ce_padding)
         extra = c.lmd_sem * info_nce(z_aug, z_sem, c.tau, c.sim) if c.lmd_sem > 0 else z_aug.new_zeros(())
         if c.freq_reg == "hidden":
             diff = torch.fft.rfft(z_aug, dim=-1, norm="ortho") - torch.fft.rfft(z_sem, dim=-1, norm="ortho")
             extra = extra + c.freq_reg_weight * diff.abs().mean()
         elif c.freq_reg == "sequence":
-            b = z_aug.shape[0]
             diff = (torch.fft.rfft(seq[b:2 * b], dim=1, norm="ortho")
                     - torch.fft.rfft(seq[2 * b:], dim=1, norm="ortho"))
             extra = extra + c.freq_reg_weight * diff.abs().mean()
-        return extra
+        return main + extra

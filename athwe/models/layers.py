@@ -1,4 +1,5 @@
-"""Blocks shared by the sequential models (post-LN Transformer pieces, embeddings, masks)."""
+"""Blocks shared by the sequential models (post-LN Transformer pieces, embeddings, masks, padding
+layouts) and the ranking loss every model's ``loss`` is built on."""
 from __future__ import annotations
 
 import torch
@@ -18,11 +19,11 @@ def _random_int16(x: torch.Tensor) -> torch.Tensor:
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
-    """Inverted dropout, several times faster than F.dropout on CPU (whose Bernoulli sampling is
-    not vectorised). On CPU each element is dropped when a uniform 16-bit value falls below
+    """Inverted dropout, faster than F.dropout on CPU (whose Bernoulli sampling is not
+    vectorised). On CPU each element is dropped when a uniform 16-bit value falls below
     round(p * 2^16), i.e. with probability p to within 2^-17 (exactly for p = 0.5), and kept ones
     are scaled by the inverse of the exact keep probability, so the expectation is exactly x; one
-    64-bit draw serves four elements, which makes the mask about 3x cheaper than rand_like. Other
+    64-bit draw serves four elements, which makes the mask cheaper than rand_like. Other
     devices draw the mask with rand_like."""
     if not training or p <= 0.0:
         return x
@@ -58,6 +59,43 @@ def lookup(table: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
     CPU, so with more than one thread the table's gradient depends on thread timing and two runs
     with the same seed drift apart. The embedding backward sums each row in a fixed order."""
     return F.embedding(ids, table)
+
+
+def ranking_loss(query: torch.Tensor, items: torch.Tensor, target: torch.Tensor, neg: torch.Tensor | None,
+                 loss_type: str, ce_padding: bool = False) -> torch.Tensor:
+    """The main training loss of every model on (B, D) queries against the (n_items + 1, D) item
+    vectors: "ce" is cross-entropy over all items (the padding column is left out unless
+    `ce_padding`, as the reference code bases score it too); "bce" is -log sig(pos) - log(1 - sig(neg))
+    with one sampled negative per row (`neg`)."""
+    if loss_type == "ce":
+        logits = query @ items.t()
+        if not ce_padding:
+            logits[:, 0] = float("-inf")  # padding is never a valid prediction
+        return F.cross_entropy(logits, target)
+    if loss_type != "bce":
+        raise ValueError(f"unknown loss {loss_type!r} (one of ce, bce)")
+    if neg is None:
+        raise ValueError("BCE loss needs sampled negatives in batch.neg")
+    pos_score = (query * lookup(items, target)).sum(-1)
+    neg_score = (query * lookup(items, neg)).sum(-1)
+    return (F.softplus(-pos_score) + F.softplus(neg_score)).mean()
+
+
+def full_width(input_ids: torch.Tensor, length: int) -> torch.Tensor:
+    """Left-padded (B, N) ids brought to `length` columns: the last `length` kept, or zeros prepended."""
+    n = input_ids.shape[1]
+    if n > length:
+        return input_ids[:, -length:]
+    return F.pad(input_ids, (length - n, 0)) if n < length else input_ids
+
+
+def right_pad(input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded (B, N) ids -> right-padded ids (first item at column 0) and lengths (B,)."""
+    n = input_ids.shape[1]
+    lengths = (input_ids > 0).sum(1)
+    src = torch.arange(n, device=input_ids.device).unsqueeze(0) + (n - lengths).unsqueeze(1)
+    out = input_ids.gather(1, src.clamp(max=n - 1))
+    return out.masked_fill(src >= n, 0), lengths
 
 
 def init_weights(module: nn.Module, std: float = 0.02) -> None:

@@ -1,10 +1,16 @@
-"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the item sequence."""
+"""SASRec (Kang & McAuley, ICDM 2018): causal self-attention over the item sequence.
+
+Embedding (items + positions) -> L Transformer blocks (causal + padding mask) -> the last
+position's hidden state, scored against the item embedding table."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from athwe.models.base import EncoderConfig, StackedEncoder, register_model, stack_blocks
-from athwe.models.layers import SequenceEmbedding, TransformerBlock, init_weights
+import torch
+
+from athwe.dataset.split import Batch
+from athwe.models.base import EncoderConfig, SequentialRecommender, register_model, stack_blocks
+from athwe.models.layers import SequenceEmbedding, TransformerBlock, attention_mask, init_weights, ranking_loss
 
 
 @dataclass
@@ -13,8 +19,9 @@ class SASRecConfig(EncoderConfig):
 
 
 @register_model("sasrec", SASRecConfig, "SASRec: causal multi-head self-attention (ID only)")
-class SASRec(StackedEncoder):
+class SASRec(SequentialRecommender):
     supports_trimming = True  # padding keys are masked out of attention
+
     def __init__(self, config: SASRecConfig, n_items: int, max_seq_length: int, loss_type: str = "ce"):
         super().__init__(config, n_items, max_seq_length, loss_type)
         c = config
@@ -23,3 +30,25 @@ class SASRec(StackedEncoder):
             lambda: TransformerBlock(c.hidden_size, c.num_heads, c.inner_size, c.attn_dropout, c.hidden_dropout,
                                      c.layer_norm_eps), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))
+
+    def forward(self, input_ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read-out vectors (B, d) at the last position and, with `full`, the last block's whole
+        output (B, N, d). Without `full` the last block computes the last position alone (the same
+        values: everything after its attention is position-wise)."""
+        x = self.embedding(input_ids)
+        mask = attention_mask(input_ids, causal=True)
+        last = len(self.blocks) - 1
+        for i, block in enumerate(self.blocks):
+            x = block(x, mask, i == last and not full)
+        return x[:, -1], (x if full else None)
+
+    def query_vectors(self, batch: Batch) -> torch.Tensor:
+        return self(batch.input_ids)[0]
+
+    def item_vectors(self) -> torch.Tensor:
+        return self.embedding.item.weight
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        query = self(batch.input_ids)[0]
+        return ranking_loss(query, self.item_vectors(), batch.target, batch.neg, self.loss_type,
+                            self.config.ce_padding)

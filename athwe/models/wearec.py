@@ -34,7 +34,7 @@ from torch import nn
 from athwe.dataset.split import Batch
 from athwe.errors import ConfigError
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model, stack_blocks
-from athwe.models.layers import Dropout, FeedForward, SequenceEmbedding, init_weights
+from athwe.models.layers import Dropout, FeedForward, SequenceEmbedding, init_weights, ranking_loss
 
 
 @dataclass
@@ -103,7 +103,8 @@ class WEARecLayer(nn.Module):
         self.alpha = alpha
         self.filter_base = nn.Parameter(torch.ones(heads, self.n_bins, 1))  # W_base
         self.bias_base = nn.Parameter(torch.full((heads, self.n_bins, 1), -0.1))  # b_base
-        self.adaptive_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(), nn.Linear(hidden, heads * self.n_bins * 2))
+        self.adaptive_mlp = nn.Sequential(nn.Linear(hidden, hidden), nn.GELU(),
+                                          nn.Linear(hidden, heads * self.n_bins * 2))
         self.detail_scale = nn.Parameter(torch.randn(1, heads, seq_len // 2, self.head_dim) * 0.02)  # T
         self.dropout = Dropout(dropout)
         self.norm = nn.LayerNorm(hidden, eps=eps)
@@ -189,15 +190,23 @@ class WEARec(SequentialRecommender):
         self.blocks = stack_blocks(lambda: WEARecBlock(c, max_seq_length), c.num_layers, c.copy_first_block)
         self.apply(lambda m: init_weights(m, c.initializer_range))
 
-    def encode(self, input_ids: torch.Tensor, last_only: bool = False) -> torch.Tensor:
-        """(B, N, d) hidden states, or (B, 1, d) for the last position when `last_only` (same values)."""
+    def forward(self, input_ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Read-out vectors (B, d) at the last position and, with `full`, the last block's whole
+        output (B, N, d). No attention mask: the filters see every position, padding included.
+        Without `full` the last block computes the last position alone (same values)."""
         x = self.embedding(input_ids)
+        last = len(self.blocks) - 1
         for i, block in enumerate(self.blocks):
-            x = block(x, last_only and i == len(self.blocks) - 1)
-        return x
+            x = block(x, i == last and not full)
+        return x[:, -1], (x if full else None)
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
-        return self.encode(batch.input_ids, last_only=True)[:, -1]
+        return self(batch.input_ids)[0]
 
     def item_vectors(self) -> torch.Tensor:
         return self.embedding.item.weight
+
+    def loss(self, batch: Batch) -> torch.Tensor:
+        query = self(batch.input_ids)[0]
+        return ranking_loss(query, self.item_vectors(), batch.target, batch.neg, self.loss_type,
+                            self.config.ce_padding)

@@ -19,14 +19,15 @@ from typing import Any
 import numpy as np
 import torch
 
+from athwe import runs
+from athwe.dataset.atomic import read_atomic
+from athwe.dataset.split import Batch
 from athwe.errors import AthweError
 from athwe.utils import atomic_path, atomic_write_json, hash_file, read_json
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")
 #: up to this many items `auto` picks the exact index, above it IVF-PQ with exact re-ranking
-#: (benchmarks/results/retrieval.md, 2 cores: exact search costs ~1.6 ms per user at 100k items and
-#: ~37 ms at 1M; at 1M IVF-PQ answers in ~0.4 ms at recall@10 0.97 and builds 12x faster than HNSW
-#: with 57% of its memory)
+#: (benchmarks/README.md, retrieval: where exact search stops paying off)
 EXACT_MAX_ITEMS = 100_000
 
 
@@ -51,7 +52,8 @@ def _check_knobs(kind: str, n: int, d: int, *, hnsw_m: int, ef_construction: int
         if hnsw_m < 2:
             raise AthweError(f"--hnsw-m must be at least 2, got {hnsw_m}")
         if ef_construction < 1 or ef_search < 1:
-            raise AthweError(f"--ef-construction and --ef-search must be at least 1, got {ef_construction} and {ef_search}")
+            raise AthweError(f"--ef-construction and --ef-search must be at least 1, "
+                             f"got {ef_construction} and {ef_search}")
     if kind == "ivfpq":
         if nlist is not None and not 1 <= nlist <= train_points:
             raise AthweError(f"--nlist must be between 1 and the {train_points:,} training vectors, got {nlist}")
@@ -60,8 +62,8 @@ def _check_knobs(kind: str, n: int, d: int, *, hnsw_m: int, ef_construction: int
         if nprobe < 1 or refine < 0:
             raise AthweError(f"--nprobe must be at least 1 and --refine at least 0, got {nprobe} and {refine}")
         if train_points < 256:
-            raise AthweError(f"ivfpq trains 256-entry codebooks and needs at least 256 items; this catalogue has {n:,} "
-                             f"(use --kind flat or hnsw)")
+            raise AthweError(f"ivfpq trains 256-entry codebooks and needs at least 256 items; "
+                             f"this catalogue has {n:,} (use --kind flat or hnsw)")
 
 
 def build_index(vectors: np.ndarray, kind: str = "auto", hnsw_m: int = 32, ef_construction: int = 200,
@@ -119,7 +121,7 @@ def set_search_knobs(index: Any, ef_search: int | None = None, nprobe: int | Non
 
 def search_index(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """index.search, on one thread for a single query: FAISS parallelises over queries, so extra
-    OpenMP threads only add wake-up latency (milliseconds on a busy machine) to one user's search."""
+    OpenMP threads only add wake-up latency to one user's search."""
     faiss = _faiss()
     if len(queries) > 1:
         return index.search(queries, k)
@@ -131,23 +133,27 @@ def search_index(index: Any, queries: np.ndarray, k: int) -> tuple[np.ndarray, n
         faiss.omp_set_num_threads(threads)
 
 
-def build_run_index(run_dir: str | Path, kind: str = "auto", **knobs: Any) -> dict[str, Any]:
-    """Build the index for a finished run from its best checkpoint and save it in the run folder."""
-    from athwe.training.trainer import load_run_model
-
+def write_run_index(run_dir: str | Path, model: Any, item_fingerprint: str, kind: str = "auto",
+                    **knobs: Any) -> dict[str, Any]:
+    """Index a model's item vectors (the run's best weights) and save it in the run folder."""
     run = Path(run_dir)
-    model, data, _ = load_run_model(run)
     with torch.inference_mode():
         vectors = model.item_vectors()[1:].float().cpu().numpy()
     t0 = time.perf_counter()
     index, meta = build_index(vectors, kind, **knobs)
-    meta.update({"build_seconds": round(time.perf_counter() - t0, 3), "item_fingerprint": data.item_fingerprint,
-                 "checkpoint_fingerprint": file_fingerprint(run / "best.pt"), "model": model.__class__.__name__})
+    meta.update({"build_seconds": round(time.perf_counter() - t0, 3), "item_fingerprint": item_fingerprint,
+                 "checkpoint_fingerprint": file_fingerprint(run / runs.BEST), "model": model.__class__.__name__})
     faiss = _faiss()
     with atomic_path(run / "index.faiss") as tmp:
         faiss.write_index(index, str(tmp))
     atomic_write_json(run / "index.json", meta)
     return meta
+
+
+def build_run_index(run_dir: str | Path, kind: str = "auto", **knobs: Any) -> dict[str, Any]:
+    """Build the index of a finished run from its best checkpoint."""
+    model, data, _ = runs.load_run_model(run_dir)
+    return write_run_index(run_dir, model, data.item_fingerprint, kind, **knobs)
 
 
 def load_run_index(run_dir: str | Path, item_fingerprint: str) -> tuple[Any, dict[str, Any]]:
@@ -160,14 +166,17 @@ def load_run_index(run_dir: str | Path, item_fingerprint: str) -> tuple[Any, dic
     if not isinstance(meta, dict) or not {"item_fingerprint", "checkpoint_fingerprint"} <= meta.keys():
         raise AthweError(f"{meta_path}: not an index description; rebuild with `athwe index --run {run}`")
     if meta["item_fingerprint"] != item_fingerprint:
-        raise AthweError(f"{index_path}: built for item map {meta['item_fingerprint']}, but the run's data has {item_fingerprint}")
+        raise AthweError(f"{index_path}: built for item map {meta['item_fingerprint']}, "
+                         f"but the run's data has {item_fingerprint}")
     if meta["checkpoint_fingerprint"] != file_fingerprint(run / "best.pt"):
-        raise AthweError(f"{index_path}: built from another checkpoint than {run / 'best.pt'}; rebuild with `athwe index --run {run}`")
+        raise AthweError(f"{index_path}: built from another checkpoint than {run / 'best.pt'}; "
+                         f"rebuild with `athwe index --run {run}`")
     try:
         index = _faiss().read_index(str(index_path))
     except RuntimeError as e:
         reason = str(e).strip().splitlines()[-1].split(": ", 1)[-1] if str(e).strip() else "unreadable"
-        raise AthweError(f"{index_path}: not a readable FAISS index ({reason}); rebuild with `athwe index --run {run}`") from None
+        raise AthweError(f"{index_path}: not a readable FAISS index ({reason}); "
+                         f"rebuild with `athwe index --run {run}`") from None
     return index, meta
 
 
@@ -184,18 +193,14 @@ class Retriever:
     """Top-k recommendations for users of a run's dataset, through the run's index."""
 
     def __init__(self, run_dir: str | Path):
-        from athwe.training.trainer import load_run_model
-
         self.run = Path(run_dir)
-        self.model, self.data, self.cfg = load_run_model(self.run)
+        self.model, self.data, self.cfg = runs.load_run_model(self.run)
         self.index, self.meta = load_run_index(self.run, self.data.item_fingerprint)
         self.user_index = {tok: i for i, tok in enumerate(self.data.user_tokens)}
         self.titles = item_titles(Path(self.cfg.data.data_dir) / self.cfg.data.dataset, self.data.item_tokens)
 
     def user_batch(self, users: list[int]):
         """Left-padded batches of each user's full known history (last N items)."""
-        from athwe.dataset.split import Batch
-
         n = self.cfg.data.max_seq_length
         ids = torch.zeros(len(users), n, dtype=torch.long)
         ts = torch.zeros(len(users), n, dtype=torch.float64)
@@ -233,7 +238,8 @@ class Retriever:
             for s, i in zip(scores[row], ids[row]):
                 if i < 1 or int(i) in seen:
                     continue
-                recs.append(Recommendation(len(recs) + 1, int(i), self.data.item_tokens[i], self.titles.get(int(i)), float(s)))
+                recs.append(Recommendation(len(recs) + 1, int(i), self.data.item_tokens[i], self.titles.get(int(i)),
+                                           float(s)))
                 if len(recs) == k:
                     break
             out.append(recs)
@@ -259,8 +265,6 @@ class Retriever:
 
 def item_titles(dataset_dir: Path, item_tokens: list[str]) -> dict[int, str]:
     """Item id -> title from `<name>.item` when the dataset has one (title / movie_title column)."""
-    from athwe.dataset.atomic import read_atomic
-
     path = dataset_dir / f"{dataset_dir.name}.item"
     if not path.is_file():
         return {}

@@ -1,3 +1,4 @@
-from athwe.training.trainer import Trainer, evaluate_run, load_data, train
+"""Training: the trainer (athwe.training.trainer) and torchrun data parallelism."""
+from athwe.training.trainer import Trainer, resume, train
 
-__all__ = ["Trainer", "evaluate_run", "load_data", "train"]
+__all__ = ["Trainer", "resume", "train"]

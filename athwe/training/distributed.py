@@ -67,7 +67,8 @@ def setup(device: torch.device) -> tuple[World, torch.device]:
         torch.cuda.set_device(device)
     if not dist.is_initialized():
         try:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=datetime.timedelta(minutes=30))
+            dist.init_process_group("nccl" if device.type == "cuda" else "gloo",
+                                    timeout=datetime.timedelta(minutes=30))
         except (ValueError, RuntimeError) as e:  # e.g. MASTER_ADDR unset: WORLD_SIZE without torchrun
             raise AthweError(f"distributed launch (WORLD_SIZE {world.size}): cannot join the process group "
                              f"({brief(e)}); start it with torchrun") from None
@@ -87,7 +88,8 @@ def average_gradients(params: Iterable[torch.nn.Parameter], weight: float) -> No
         return
     dev = params[0].device
     has = torch.tensor([p.grad is not None for p in params], dtype=torch.float32, device=dev)
-    flat = torch.cat([(p.grad.float() * weight if p.grad is not None else torch.zeros(p.numel(), device=dev)).reshape(-1)
+    flat = torch.cat([(p.grad.float() * weight if p.grad is not None
+                       else torch.zeros(p.numel(), device=dev)).reshape(-1)
                       for p in params])
     dist.all_reduce(has)
     dist.all_reduce(flat)
