@@ -143,6 +143,41 @@ def test_deterministic_and_atomic(data_root, tiny_bert):
     assert sorted(p.name for p in out.iterdir()) == ["cat.pt", "cat_vocab.json", "manifest.json", "txt_emb.pt"]
 
 
+def test_fingerprint_follows_what_produced_the_features_not_their_last_bits(data_root, tiny_bert, tiny_clip):
+    """Rows that differ in their last bits (another CPU, thread count or batch size) keep the
+    fingerprint; another text field, another item text, another image or another image model
+    changes it. A manifest without a record of its inputs falls back to hashing the values."""
+    def fingerprint(**kw) -> str:
+        _extract(data_root, tiny_bert, overwrite=True, image=True, image_model=TINY_CLIP, pretrained=str(tiny_clip),
+                 **kw)
+        return load_features(data_root / "tiny", _tokens(data_root)).fingerprint
+
+    out = data_root / "tiny" / "features"
+    base = fingerprint()
+    for name in ("txt_emb.pt", "img_emb.pt"):  # the same features with moved last bits, recorded as such
+        t = torch.load(out / name, weights_only=True)
+        torch.save(t + 1e-7 * torch.randn_like(t) * (t != 0), out / name)
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["text"]["sha256"] = ex.tensor_digest(torch.load(out / "txt_emb.pt", weights_only=True))
+    manifest["image"]["sha256"] = ex.tensor_digest(torch.load(out / "img_emb.pt", weights_only=True))
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert load_features(data_root / "tiny", _tokens(data_root)).fingerprint == base
+    del manifest["text"]["inputs"]  # an older manifest: the text values are hashed
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    assert load_features(data_root / "tiny", _tokens(data_root)).fingerprint != base
+    assert fingerprint(batch_size=3) == base
+    assert fingerprint(text_fields=["title"]) != base
+    assert fingerprint(image_pooling="cls") != base
+    item = data_root / "tiny" / "tiny.item"
+    item.write_text(item.read_text().replace("copper pan", "steel pan"))
+    assert fingerprint() != base
+    png = next((data_root / "tiny" / "images").glob("*.png"))
+    _png(png, seed=99)
+    changed = fingerprint()
+    item.write_text(item.read_text().replace("steel pan", "copper pan"))
+    assert fingerprint() not in (base, changed)
+
+
 def test_resume_after_interruption(data_root, tiny_bert, monkeypatch):
     real = TextEncoder.encode
     calls = {"n": 0}
