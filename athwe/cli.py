@@ -2,17 +2,110 @@
 from __future__ import annotations
 
 import json
+import math
 import sys
 import warnings
 from pathlib import Path
 from typing import Any, Callable, List, Optional
 
 import typer
+from typer.core import TyperGroup
 
-from athwe.errors import AthweError
+from athwe.config import MAX_BATCH, MAX_KCORE, check_int_setting, check_range
+from athwe.errors import AthweError, ConfigError
 
-app = typer.Typer(add_completion=False, no_args_is_help=False, pretty_exceptions_enable=False,
-                  help="athwe: multimodal, time-aware sequential recommendation.")
+try:  # recent typer carries its own copy of Click (typer._click)
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer runs on Click itself
+    from click import exceptions as click_errors
+
+#: pydantic error types (newer typer parses option values with pydantic) -> what the value is not
+_NOT_A = {"int_parsing": "a valid integer", "int_from_float": "a valid integer", "int_type": "a valid integer",
+          "float_parsing": "a valid number", "float_type": "a valid number", "bool_parsing": "a valid boolean"}
+
+
+def _param_name(param: Any) -> str:
+    """How the user spells an option (all its names, e.g. -k/--top-k) or an argument (SOURCE)."""
+    if getattr(param, "param_type_name", "") == "argument" or not getattr(param, "opts", None):
+        return str(param.name or "argument").upper()
+    return "/".join(param.opts)
+
+
+def _bad_value(e: Any) -> str:
+    """The problem with an option's value: "'abc' is not a valid integer" (from pydantic's error when
+    typer parsed the value with it, else Click's own message)."""
+    cause = e.__cause__
+    errors = cause.errors() if cause is not None and hasattr(cause, "errors") else None
+    if errors and "input" in errors[0]:
+        first = errors[0]
+        if first.get("type") in _NOT_A:
+            return f"{first['input']!r} is not {_NOT_A[first['type']]}"
+        msg = str(first.get("msg", "invalid value"))
+        return f"{first['input']!r}: {msg[:1].lower()}{msg[1:]}"
+    return e.message.rstrip(".")
+
+
+def usage_error_line(e: Any) -> str:
+    """One line for a Click usage error (bad value, unknown option, missing option or argument, unknown
+    or missing command) that names the option and ends with where the command's help is."""
+    ctx = e.ctx
+    param = getattr(e, "param", None)
+    if isinstance(e, click_errors.MissingParameter) and param is not None:
+        kind = "argument" if getattr(param, "param_type_name", "") == "argument" else "option"
+        text = f"{_param_name(param)}: missing (a required {kind})"
+    elif isinstance(e, click_errors.BadParameter) and param is not None:
+        text = f"{_param_name(param)}: {_bad_value(e)}"
+    elif isinstance(e, click_errors.NoSuchOption):
+        near = f" (did you mean {', '.join(sorted(e.possibilities))}?)" if e.possibilities else ""
+        text = f"{e.option_name}: no such option{near}"
+    elif isinstance(e, click_errors.BadOptionUsage) and "requires an argument" in e.message:
+        text = f"{e.option_name}: needs a value"
+    elif e.message.startswith("Missing command") and ctx is not None:
+        text = f"missing command (one of {', '.join(ctx.command.list_commands(ctx))})"
+    else:
+        text = e.format_message().rstrip(".")
+        text = text[:1].lower() + text[1:]  # "no such command 'x'", "got unexpected extra argument(s) (3)"
+    names = []
+    while ctx is not None:
+        names.append(ctx.info_name or "")
+        ctx = ctx.parent
+    if names:
+        names[-1] = "athwe"  # the root's info_name is whatever the caller named the program
+        text += f" (see `{' '.join(reversed(names))} --help`)"
+    return " ".join(text.split())
+
+
+class OneLineErrorGroup(TyperGroup):
+    """The `athwe` group: Click's own parse errors (a bad value, an unknown option, a missing option or
+    argument) come out as one `error: ...` line with exit code 2 like athwe's own errors, instead of a
+    usage box. Done in main() so it holds for the console script and for CliRunner alike."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None,
+             standalone_mode: bool = True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                                standalone_mode=False, **extra)
+        try:
+            rv = super().main(args=args, prog_name=prog_name, complete_var=complete_var,
+                              standalone_mode=False, **extra)
+        except click_errors.NoArgsIsHelpError as e:  # help asked for by giving nothing: not an error
+            e.show()
+            sys.exit(e.exit_code)
+        except click_errors.UsageError as e:
+            typer.echo(f"error: {usage_error_line(e)}", err=True)
+            sys.exit(2)
+        except click_errors.ClickException as e:
+            typer.echo(f"error: {' '.join(e.format_message().split())}", err=True)
+            sys.exit(e.exit_code)
+        except typer.Abort:
+            typer.echo("error: aborted", err=True)
+            sys.exit(1)
+        # non-standalone main() returns an Exit's code, or the command's return value (None: success)
+        sys.exit(rv if isinstance(rv, int) and not isinstance(rv, bool) else 0)
+
+
+app = typer.Typer(cls=OneLineErrorGroup, add_completion=False, no_args_is_help=False,
+                  pretty_exceptions_enable=False, help="athwe: multimodal, time-aware sequential recommendation.")
 data_app = typer.Typer(add_completion=False, help="Inspect and prepare datasets.")
 app.add_typer(data_app, name="data")
 
@@ -20,6 +113,30 @@ app.add_typer(data_app, name="data")
 def _fail(message: str) -> None:
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code=2)
+
+
+#: the largest values of CLI-only options: beyond them a value is a typo, and FAISS or the downloader
+#: would allocate, overflow a C integer or wait for ever rather than fail cleanly
+MAX_EXTRACT_BATCH = 100_000
+MAX_HNSW_M = 1024
+MAX_EF = 10**6
+MAX_NLIST = 10**7
+MAX_PQ_M = 4096
+MAX_NPROBE = 10**6
+MAX_REFINE = 1000
+MAX_WORKERS = 256
+MAX_TIMEOUT_S = 3600.0
+MAX_RETRIES = 100
+MAX_IMAGE_BYTES = 10**10
+
+
+def _check_flag(option: str, key: str, value: int | None) -> None:
+    """A train flag's range (the config's, see athwe.config.INT_RANGES), named by option and setting."""
+    if value is not None:
+        try:
+            check_int_setting(key, value)
+        except ConfigError as e:
+            raise ConfigError(f"{option}: {e}") from None
 
 
 def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
@@ -78,8 +195,8 @@ def train(
     device: Optional[str] = typer.Option(None, "--device", help="auto (CUDA when present), cpu, cuda, cuda:1, ..."),
     threads: Optional[int] = typer.Option(
         None, "--threads",
-        help=("CPU threads for torch (train.num_threads; 0 = torch default). With --resume: the threads for the "
-              "rest of the run.")),
+        help=("CPU threads for torch (train.num_threads; 0 = the CPUs free when the run starts). "
+              "With --resume: the threads for the rest of the run.")),
     precision: Optional[str] = typer.Option(
         None, "--precision",
         help=("fp32 (default) or bf16: training steps under bfloat16 autocast (on a CPU, faster only with AMX / "
@@ -98,6 +215,13 @@ def train(
     from athwe.training import trainer as tr
 
     def run() -> None:
+        for option, key, value in (("--epochs", "train.epochs", epochs), ("--seed", "train.seed", seed),
+                                   ("--batch-size", "train.batch_size", batch_size),
+                                   ("--threads", "train.num_threads", threads),
+                                   ("--max-seq-length", "data.max_seq_length", max_seq_length)):
+            _check_flag(option, key, value)
+        if lr is not None and not 0 < lr < math.inf:  # also false for NaN
+            raise ConfigError(f"--lr: train.lr must be a positive number, got {lr}")
         if resume is not None:
             tr.resume(resume, num_threads=threads)
             return
@@ -170,6 +294,8 @@ def evaluate(
             raise AthweError(f"--split must be test or valid, not {split!r}")
         if history is not None and history not in HISTORY_MODES:
             raise AthweError(f"--history must be one of {', '.join(HISTORY_MODES)}, not {history!r}")
+        if batch_size is not None:
+            check_range("--batch-size", batch_size, 1, MAX_BATCH)
         res = evaluate_run(run, split, history, batch_size)
         typer.echo(json.dumps(res, indent=2) if as_json else format_results(res["header"], res[split]))
 
@@ -197,6 +323,15 @@ def index(
     from athwe.runs import latest_run
 
     def go() -> None:
+        check_range("--hnsw-m", hnsw_m, 2, MAX_HNSW_M)
+        check_range("--ef-construction", ef_construction, 1, MAX_EF)
+        check_range("--ef-search", ef_search, 1, MAX_EF)
+        if nlist is not None:
+            check_range("--nlist", nlist, 1, MAX_NLIST)
+        if pq_m is not None:
+            check_range("--pq-m", pq_m, 1, MAX_PQ_M)
+        check_range("--nprobe", nprobe, 1, MAX_NPROBE)
+        check_range("--refine", refine, 0, MAX_REFINE, zero="0 = no exact re-ranking")
         target = run or latest_run(runs_dir)
         meta = build_run_index(target, kind, hnsw_m=hnsw_m, ef_construction=ef_construction, ef_search=ef_search,
                                nlist=nlist, pq_m=pq_m, nprobe=nprobe, refine=refine)
@@ -227,8 +362,9 @@ def retrieve(
     def go() -> None:
         if all_users == (user is not None):
             raise AthweError("pass exactly one of --user or --all-users")
-        if k < 1:
-            raise AthweError("-k must be at least 1")
+        if k < 1:  # at most the catalogue's size: checked once the run is loaded
+            raise AthweError(f"-k must be at least 1, got {k}")
+        check_range("--batch-size", batch_size, 1, MAX_BATCH)
         if all_users:
             if out is None:
                 raise AthweError("--all-users needs --out FILE")
@@ -237,6 +373,9 @@ def retrieve(
             if any(p.exists() and not p.is_dir() for p in out.parents):
                 raise AthweError(f"{out}: a parent of --out is a file, not a directory")
         retriever = Retriever(run or latest_run(runs_dir))
+        n_items = retriever.data.n_items
+        if k > n_items:  # FAISS would allocate k results per user before finding there are not that many
+            raise AthweError(f"-k {k:,} is more than the {n_items:,} items of the catalogue")
         if all_users:
             n = retriever.write_all(out, k, exclude_history, batch_size)
             typer.echo(f"{out}: top-{k} for {n:,} users")
@@ -273,6 +412,7 @@ def data_info(
     from athwe.dataset.sequences import format_seconds, load_sequences
 
     def go() -> None:
+        check_range("--kcore", kcore, 0, MAX_KCORE, zero="0 = no filtering")
         if dataset == "demo":
             from athwe.dataset.demo import ensure_demo
 
@@ -322,6 +462,7 @@ def data_import(
     from athwe.dataset.importers import import_dataset
 
     def go() -> None:
+        check_range("--kcore", kcore, 0, MAX_KCORE, zero="0 = no filtering")
         s = import_dataset(source, data_dir, name, fmt=IMPORT_FORMATS.get(fmt, fmt), meta=meta, kcore=kcore,
                            skip_bad_lines=skip_bad_lines, overwrite=overwrite, find_meta=not no_find_meta,
                            progress=not as_json)
@@ -353,8 +494,11 @@ def data_images(
 
     def go() -> None:
         folder = Path(data_dir) / dataset
-        if workers < 1 or timeout <= 0 or retries < 0 or max_bytes < 1:
-            raise AthweError("--workers and --max-bytes must be >= 1, --timeout > 0 and --retries >= 0")
+        check_range("--workers", workers, 1, MAX_WORKERS)
+        if not 0 < timeout <= MAX_TIMEOUT_S:  # also false for NaN
+            raise AthweError(f"--timeout must be above 0 and at most {MAX_TIMEOUT_S:,.0f} seconds, got {timeout:g}")
+        check_range("--retries", retries, 0, MAX_RETRIES)
+        check_range("--max-bytes", max_bytes, 1, MAX_IMAGE_BYTES)
         m = download_dataset_images(folder, dataset, max_workers=workers, timeout=timeout, retries=retries,
                                     max_bytes=max_bytes)
         counts = ", ".join(f"{k} {v:,}" for k, v in m["counts"].items()) or "no items"
@@ -402,6 +546,8 @@ def extract(
     from athwe.feature_extraction.extract import extract_features, summarize
 
     def go() -> None:
+        check_range("--batch-size", batch_size, 1, MAX_EXTRACT_BATCH)
+        check_range("--kcore", kcore, 0, MAX_KCORE, zero="0 = no filtering")
         if image_pooling not in ("embed", "cls"):
             raise AthweError(f"--image-pooling must be embed or cls, not {image_pooling!r}")
         if text_pooling not in ("auto", "cls", "mean"):

@@ -155,9 +155,21 @@ def write_curves(run_dir: Path) -> None:
 
 # -- reading -----------------------------------------------------------------------------------------
 def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """The epoch records of a metrics.jsonl, skipping blank lines and a line cut short by a kill."""
+    """The epoch records of a metrics.jsonl, skipping blank lines and a line cut short by a kill;
+    AthweError for a file that is damaged otherwise (records are ASCII JSON, one per line)."""
+    try:
+        lines = path.read_bytes().splitlines()
+    except OSError as e:
+        raise AthweError(f"{path}: cannot be read ({e.strerror or e})") from None
     rows = []
-    for line in path.read_text().splitlines():
+    for i, raw in enumerate(lines, 1):
+        try:
+            line = raw.decode("utf-8")
+        except UnicodeDecodeError:
+            if i == len(lines):  # the last line, cut in the middle of a character
+                continue
+            raise AthweError(f"{path}: line {i} is not text, the file is damaged; delete that line (the run's "
+                             f"checkpoints do not depend on it)") from None
         try:
             record = json.loads(line)
         except ValueError:
@@ -212,9 +224,9 @@ def load_run_config(run_dir: str | Path) -> RunConfig:
 def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
     """One record per run folder under `runs_dir` (oldest first): name, model, dataset, status
     ("finished"; "unfinished": training now, or stopped with a last.pt to resume from; "empty"
-    before its first epoch; "damaged" when its results.json cannot be read), epochs run and allowed,
-    the best validation metric and its epoch, test NDCG@10 when finished, and the processes /
-    threads of its last epoch. Folders without a readable config.yaml are left out."""
+    before its first epoch; "damaged" when its results.json or metrics.jsonl cannot be read),
+    epochs run and allowed, the best validation metric and its epoch, test NDCG@10 when finished,
+    and the processes / threads of its last epoch. Folders without a readable config.yaml are left out."""
     root = Path(runs_dir)
     if not root.is_dir():
         raise AthweError(f"{root}: no runs folder")
@@ -226,7 +238,12 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
         except (AthweError, ConfigError):
             continue
         metric = cfg.train.valid_metric
-        epochs = read_metrics(run / METRICS) if (run / METRICS).is_file() else []
+        try:
+            epochs = read_metrics(run / METRICS) if (run / METRICS).is_file() else []
+        except AthweError:
+            epochs, damaged = [], True
+        else:
+            damaged = False
         best = max(epochs, key=lambda r: (r.get(f"valid_{metric}", -math.inf), -r["epoch"]), default=None)
         row: dict[str, Any] = {"run": str(run), "model": cfg.model, "dataset": cfg.data.dataset,
                                "epochs": len(epochs), "max_epochs": cfg.train.epochs, "valid_metric": metric,
@@ -243,6 +260,8 @@ def list_runs(runs_dir: str | Path) -> list[dict[str, Any]]:
                 row["status"] = "damaged"
         else:
             row["status"] = "unfinished" if (run / LAST).is_file() else "empty"
+        if damaged:
+            row["status"] = "damaged"
         rows.append(row)
     return rows
 
@@ -285,6 +304,10 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
     model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss,
                          features).to(device)
     load_weights(model, load_checkpoint(best, device), best)
+    broken = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    if broken is not None:
+        raise AthweError(f"{best}: {broken} holds NaN or infinite values (the run diverged); train it again "
+                         f"with a lower train.lr")
     model.eval()
     return model, data, cfg
 
@@ -313,6 +336,8 @@ def format_results(header: dict[str, Any], metrics: dict[str, float], ks: tuple[
              f"{'':8s}" + "".join(f"{'@' + str(k):>9s}" for k in ks)]
     for m in ("HR", "NDCG", "MRR"):
         lines.append(f"{m:8s}" + "".join(f"{metrics[f'{m}@{k}']:9.4f}" for k in ks))
+    if metrics.get("nonfinite_rows"):
+        lines.append(f"{int(metrics['nonfinite_rows']):,} rows had NaN or infinite scores and count as misses")
     return "\n".join(lines)
 
 

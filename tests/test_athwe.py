@@ -504,3 +504,26 @@ def test_athwe_demo_and_reference_settings():
     ml = resolve_config("athwe", "ml-100k")
     assert (ml.model_args["time_routing"], ml.model_args["time_scale"], ml.model_args["modalities"]) == (
         False, "auto", ["id", "text"])
+
+
+def test_bf16_autocast_chooses_the_experts_fp32_chooses():
+    """Under bfloat16 autocast the routing (time projection, router, softmax, top-k) stays in float32,
+    so with a near-uniform router the experts chosen are those of the fp32 pass on the same weights;
+    the diversity term's Gram matrix is float32 too."""
+    model = make({"hidden_size": 64, "inner_size": 128}, n=50)
+    with torch.no_grad():
+        model.moe.router.weight.mul_(1e-3)  # near-uniform: bf16 logits would tie and reorder the top 6
+    model.eval()
+    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+    model.moe.register_forward_hook(lambda mod, args, out: seen.append((mod.route(args[1])[1], out[1])))
+    b = batch(n=50, lengths=[50, 40, 30, 20, 10, 5, 50, 45])
+    with torch.no_grad():
+        model(b.input_ids, b.timestamps)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            model(b.input_ids, b.timestamps)
+    (fp32, div32), (bf16, div16) = seen
+    valid = (b.input_ids > 0).reshape(-1)
+    same = (fp32.sort(-1).values == bf16.sort(-1).values).all(-1)[valid].double().mean()
+    assert same >= 0.99
+    assert div16.dtype == torch.float32
+    torch.testing.assert_close(div16, div32, rtol=0.05, atol=1e-3)

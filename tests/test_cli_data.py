@@ -132,7 +132,7 @@ def test_data_cli_bad_txt_sequences(tmp_path, content, problem):
     assert f"{path}" in r.output and problem in r.output, r.output
     r = runner.invoke(app, ["data", "import", str(path), "--name", "e", "--data-dir", str(tmp_path / "out")])
     if problem == "not UTF-8 text":  # the importer reads .txt items as tokens, so only bad text fails there
-        assert r.exit_code == 2 and _one_error_line(r.output) and f"{path}: not UTF-8" in r.output, r.output
+        assert r.exit_code == 2 and _one_error_line(r.output) and f"{path}:2: not UTF-8" in r.output, r.output
         assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
     else:
         assert r.exit_code == 0, r.output

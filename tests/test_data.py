@@ -185,9 +185,76 @@ def test_read_sequence_txt_not_utf8(tmp_path, cache_dir):
     p.write_bytes(b"1 2 3\n\xff\xfe 4\n")
     with pytest.raises(DataError) as ei:
         read_sequence_txt(p)
-    assert str(ei.value) == f"{p}: not UTF-8 text (invalid start byte)"
+    assert str(ei.value) == f"{p}:2: not UTF-8 text (invalid start byte at byte 1 of the line); save the file as UTF-8"
     with pytest.raises(DataError, match="not UTF-8"):
         load_sequences(tmp_path / "data", "bin")
+
+
+# ============================================================================ encodings
+
+BOM = b"\xef\xbb\xbf"
+INTER = "user_id:token\titem_id:token\ttimestamp:float\nu1\ti1\t1\nu1\ti2\t2\nu2\ti1\t3\nu2\ti3\t4\n"
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n"], ids=["lf", "crlf"])
+def test_utf8_bom_is_read_like_plain_utf8(tmp_path, cache_dir, newline):
+    """A UTF-8 byte-order mark at the start of a file (what spreadsheet tools write) is dropped, in
+    every reader of .inter/.item/.user/.txt files: the result equals the file without it."""
+    plain, bom = tmp_path / "plain", tmp_path / "bom"
+    text = INTER.replace("\n", newline).encode("utf-8")
+    for root, data in ((plain, text), (bom, BOM + text)):
+        (root / "x").mkdir(parents=True)
+        (root / "x" / "x.inter").write_bytes(data)
+    a, b = load_sequences(plain, "x", use_cache=False), load_sequences(bom, "x", use_cache=False)
+    assert b.user_tokens == a.user_tokens == ["u1", "u2"] and b.item_tokens == a.item_tokens
+    assert b.item_fingerprint == a.item_fingerprint and torch.equal(a.items, b.items)
+    item = write(tmp_path / "i.item", "item_id:token\ttitle:token_seq\ni1\tcopper pan\n")
+    item.write_bytes(BOM + item.read_bytes())
+    t = read_atomic(item)
+    assert t.names == ["item_id", "title"] and t.columns["item_id"] == ["i1"]
+    txt = tmp_path / "t" / "t" / "t.txt"
+    txt.parent.mkdir(parents=True)
+    txt.write_bytes(BOM + "u1 1 2 3\nu2 2 3\n".replace("\n", newline).encode())
+    assert read_sequence_txt(txt) == (["u1", "u2"], [["1", "2", "3"], ["2", "3"]])
+    assert load_sequences(tmp_path / "t", "t", use_cache=False).user_tokens == ["u1", "u2"]
+
+
+@pytest.mark.parametrize("name, data, message", [
+    ("latin1.inter", b"user_id:token\titem_id:token\nu1\ti1\nu\xe9\ti2\n",
+     ":3: not UTF-8 text (invalid continuation byte at byte 2 of the line); save the file as UTF-8"),
+    ("latin1-header.inter", b"user_id:token\titem_id:token\tna\xefve:token\nu1\ti1\tx\n",
+     ":1: not UTF-8 text (invalid continuation byte at byte 31 of the line)"),
+    ("utf16.inter", "user_id:token\titem_id:token\nu1\ti1\n".encode("utf-16"),
+     ": UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"),
+    ("utf16-no-bom.inter", "user_id:token\titem_id:token\nu1\ti1\n".encode("utf-16-le"),
+     ":1: NUL characters in the header (UTF-16 text?)"),
+    ("stray-bom.inter", b"user_id:token\titem_id:token\nu1\ti1\n" + BOM + b"user_id:token\titem_id:token\n",
+     ":3: byte-order mark (U+FEFF) inside the file, not at its start (were two files concatenated?)"),
+    ("double-bom.inter", BOM + BOM + b"user_id:token\titem_id:token\nu1\ti1\n",
+     ":1: byte-order mark (U+FEFF) inside the file"),
+    ("latin1.txt", b"u1 1 2\nu\xe9 2 3\n", ":2: not UTF-8 text (invalid continuation byte at byte 2 of the line)"),
+    ("stray-bom.txt", b"u1 1 2\n" + BOM + b"u2 2 3\n", ":2: byte-order mark (U+FEFF) inside the file"),
+])
+def test_other_encodings_are_one_line_errors_naming_file_and_line(tmp_path, name, data, message):
+    p = tmp_path / name
+    p.write_bytes(data)
+    with pytest.raises(DataError) as ei:
+        read_sequence_txt(p) if name.endswith(".txt") else read_atomic(p)
+    msg = str(ei.value)
+    assert msg.startswith(f"{p}{message}") and "\n" not in msg, msg
+
+
+def test_meta_jsonl_bom_and_bad_bytes(tmp_path):
+    from athwe.dataset.meta import read_meta
+
+    p = tmp_path / "x.meta.jsonl"
+    p.write_bytes(BOM + b'{"item": "i1", "categories": [["A", "B"]]}\n{"item": "i2"}\n')
+    assert list(read_meta(p, "categories", lambda v: isinstance(v, list), "a list")) == [("i1", [["A", "B"]]),
+                                                                                          ("i2", [])]
+    p.write_bytes(b'{"item": "i1"}\n{"item": "caf\xe9"}\n')
+    with pytest.raises(DataError) as ei:
+        list(read_meta(p, "categories", lambda v: isinstance(v, list), "a list"))
+    assert str(ei.value).startswith(f"{p}:2: not UTF-8 text (invalid continuation byte")
 
 
 @pytest.mark.parametrize("bad", ["0", "00", "a3", "-2", "1.5", "\u00b2", "\u0663", "\uff13"])

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import re
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -313,6 +314,59 @@ def test_missing_weights_messages(tmp_path, tiny_bert):
         ImageEncoder("ViT-B-16", "openai")
     msg = str(e.value)
     assert "'ViT-B-16'" in msg and "'openai'" in msg and "--pretrained /path/" in msg and "\n" not in msg
+
+
+def test_bad_inputs_fail_before_any_model_loads_or_folder_appears(data_root, tiny_bert, tiny_clip, monkeypatch):
+    """Names of models and files, fields, options and the dataset are checked before a model is loaded,
+    and a model that cannot be loaded stops the run before any item is embedded: no features/ folder."""
+    out = data_root / "tiny" / "features"
+    loaded = []
+    real_text = ex.TextEncoder
+
+    def counting(*a, **kw):
+        loaded.append(a[0])
+        return real_text(*a, **kw)
+
+    monkeypatch.setattr(ex, "TextEncoder", counting)
+    bad = [
+        (dict(image=True, image_model="NOPE"), "unknown image model 'NOPE'"),
+        (dict(image=True, image_model=TINY_CLIP, pretrained=str(data_root / "none.pt")), "none.pt: pretrained"),
+        (dict(image=True, image_model=TINY_CLIP, pretrained="nosuchtag"), "neither a known tag"),
+        (dict(text_fields=["nope"]), "unknown text field(s) nope"),
+        (dict(text_fields=["title"], text_template="{title}"), "not both"),
+        (dict(text_pooling="max"), "text pooling"),
+        (dict(image=True, image_pooling="max"), "image pooling"),
+        (dict(max_length=0), "max_length"),
+        (dict(batch_size=0), "batch size"),
+        (dict(all_category_paths=True), "tiny.meta.jsonl: not found"),
+    ]
+    for kw, message in bad:
+        with pytest.raises(FeatureError, match=re.escape(message)):
+            _extract(data_root, tiny_bert, **kw)
+        assert not loaded and not out.exists(), kw
+    with pytest.raises(FeatureError, match="text model folder not found"):
+        _extract(data_root, data_root / "no-model")
+    # a checkpoint that passes the checks but does not load: no text batch is embedded before it fails
+    junk = data_root / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    monkeypatch.setattr(TextEncoder, "encode", lambda *a: pytest.fail("text embedded before the image model loaded"))
+    with pytest.raises(FeatureError, match="junk.pt"):
+        _extract(data_root, tiny_bert, image=True, image_model=TINY_CLIP, pretrained=str(junk))
+    assert not out.exists()
+
+
+def test_missing_item_file_skips_default_text_but_refuses_explicit_text(data_root, tiny_bert, tiny_clip):
+    (data_root / "tiny" / "tiny.item").unlink()
+    kw = dict(text_model=None, image=True, image_model=TINY_CLIP, pretrained=str(tiny_clip))
+    m = _extract(data_root, tiny_bert, **kw)  # the default text model is not even needed: there is no text
+    assert m["text"]["status"] == "skipped" and "no tiny.item file" in m["text"]["reason"]
+    assert m["image"]["status"] == "ok" and m["cat"]["status"] == "skipped"
+    for explicit in (dict(text_model=str(tiny_bert)), dict(text_fields=["title"]), dict(text_template="{title}")):
+        with pytest.raises(FeatureError, match=r"tiny\.item: not found; item text comes from it"):
+            _extract(data_root, tiny_bert, **{**kw, **explicit, "overwrite": True})
+    with pytest.raises(FeatureError, match="no feature could be extracted"):
+        _extract(data_root, tiny_bert, text_model=None, overwrite=True)
+    assert (data_root / "tiny" / "features" / "manifest.json").is_file()  # the earlier features are kept
 
 
 def test_no_features_and_fingerprint_mismatch(data_root, tiny_bert):

@@ -380,8 +380,12 @@ def test_txt_not_utf8_leaves_nothing(tmp_path):
     p.write_bytes(b"1 2 3\n\xff\xfe 4\n")
     with pytest.raises(DataError) as ei:
         import_dataset(p, tmp_path / "d", "e")
-    assert str(ei.value) == f"{p}: not UTF-8 text (invalid start byte)"
-    assert leftovers(tmp_path / "d") == []
+    assert str(ei.value) == f"{p}:2: not UTF-8 text (invalid start byte at byte 1 of the line); save the file as UTF-8"
+    assert not (tmp_path / "d").exists()  # not even the new --data-dir folder
+    (tmp_path / "keep").mkdir()
+    with pytest.raises(DataError):
+        import_dataset(p, tmp_path / "keep" / "a" / "b", "e")
+    assert leftovers(tmp_path / "keep") == []  # the folders it created are gone, the one that existed stays
 
 
 @pytest.mark.parametrize("ext, header", [
@@ -407,6 +411,71 @@ def test_meta_only_for_amazon(tmp_path):
     p = fx.write_txt(tmp_path / "raw", "seq")
     with pytest.raises(DataError, match="--meta applies to Amazon"):
         import_dataset(p, tmp_path / "d", "seq", meta=p)
+
+
+# ============================================================================ encodings
+
+BOM = b"\xef\xbb\xbf"
+
+
+def _add_bom(path: Path) -> None:
+    """Prepend a UTF-8 byte-order mark to a text file (inside the compression for .gz)."""
+    if path.name.endswith(".gz"):
+        data = gzip.decompress(path.read_bytes())
+        path.write_bytes(gzip.compress(BOM + data))
+    else:
+        path.write_bytes(BOM + path.read_bytes())
+
+
+def _outputs(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if not p.name.endswith(".import.json")}
+
+
+def _bom_sources(kind: str, raw: Path) -> tuple[Path, list[Path], dict]:
+    """(source to import, the files to give a BOM, import options) for one kind of source."""
+    if kind in ("2014", "2018", "2023", "2023-plain"):
+        exp = WRITERS[kind[:4]](raw, gz=kind != "2023-plain")
+        return exp["reviews"], [exp["reviews"], exp["meta"]], {"meta": exp["meta"]}
+    if kind == "csv":
+        exp = fx.write_amazon2023_csv(raw)
+        return exp["reviews"], [exp["reviews"]], {}
+    if kind == "atomic":
+        folder = fx.write_atomic_folder(raw)["folder"]
+        meta = folder / "src.meta.jsonl"
+        meta.write_text('{"item": "B001", "categories": [["A"]]}\n', encoding="utf-8")
+        return folder, [folder / "src.inter", folder / "src.item", folder / "src.user", meta], {}
+    return fx.write_txt(raw), [raw / "seq.txt"], {}
+
+
+@pytest.mark.parametrize("kind", ["2014", "2018", "2023", "2023-plain", "csv", "atomic", "txt"])
+def test_utf8_bom_in_every_source_imports_like_plain_utf8(tmp_path, kind):
+    """Spreadsheet tools save UTF-8 with a byte-order mark: each importer input (reviews, metadata,
+    .inter/.item/.user/.meta.jsonl, .txt, CSV) with one gives byte-for-byte the same dataset."""
+    source, files, opts = _bom_sources(kind, tmp_path / "raw")
+    plain = import_dataset(source, tmp_path / "out", "plain", **opts)
+    for f in files:
+        _add_bom(f)
+    assert all(f.read_bytes()[:3] in (BOM, b"\x1f\x8b\x08") for f in files)
+    with_bom = import_dataset(source, tmp_path / "out", "bom", **opts)
+    assert with_bom["format"] == plain["format"] and with_bom["interactions"] == plain["interactions"]
+    got, want = _outputs(tmp_path / "out" / "bom"), _outputs(tmp_path / "out" / "plain")
+    assert {k.replace("bom", "plain"): v for k, v in got.items()} == want
+    assert all(not v.startswith(BOM) for v in got.values())  # what athwe writes has no BOM
+
+
+def test_utf16_and_latin1_sources_are_one_line_errors(tmp_path):
+    exp = fx.write_amazon2018(tmp_path / "raw", gz=False)
+    text = exp["reviews"].read_text(encoding="utf-8")
+    exp["reviews"].write_bytes(text.encode("utf-16"))
+    with pytest.raises(DataError) as ei:
+        import_dataset(exp["reviews"], tmp_path / "out", "x", meta=exp["meta"])
+    path = exp["reviews"]
+    assert str(ei.value) == f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8"
+    lines = text.splitlines()
+    exp["reviews"].write_bytes(("\n".join(lines[:2]) + "\n").encode() + b'{"reviewerID": "caf\xe9"}\n')
+    with pytest.raises(DataError, match=r":3: not UTF-8 text \(invalid continuation byte at byte 20 of the line\)"):
+        import_dataset(exp["reviews"], tmp_path / "out", "x", meta=exp["meta"])
+    assert not (tmp_path / "out").exists()
 
 
 # ============================================================================ helpers

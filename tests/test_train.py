@@ -435,6 +435,28 @@ def test_trainer_notes_a_busy_cpu(tiny_data_dir, tmp_path, monkeypatch):
     assert [s for s in heard if s.startswith("note: other processes keep about 1.0")], heard
 
 
+def test_default_threads_are_the_free_cpus(tiny_data_dir, tmp_path, monkeypatch):
+    """train.num_threads 0: the CPUs other processes leave free when the run starts (at least one);
+    an explicit count wins."""
+    assert tr.free_threads(None, 4) == 4 and tr.free_threads(0.2, 4) == 4 and tr.free_threads(1.0, 2) == 1
+    assert tr.free_threads(1.6, 4) == 2 and tr.free_threads(7.0, 4) == 1
+    before = torch.get_num_threads()
+    monkeypatch.setattr(tr, "default_threads", lambda: 2)
+    monkeypatch.setattr(tr, "busy_cpus_elsewhere", lambda window=0.1: 1.0)
+    heard: list[str] = []
+    try:
+        run, _ = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=1), printer=heard.append,
+                          progress=False)
+        assert runs.read_metrics(run / "metrics.jsonl")[0]["num_threads"] == 1
+        assert ("note: other processes keep about 1.0 CPUs busy: training on 1 thread(s) (--threads N sets them)"
+                in heard)
+        run, _ = tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=1, num_threads=2), printer=heard.append,
+                          progress=False)
+        assert runs.read_metrics(run / "metrics.jsonl")[0]["num_threads"] == 2
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_runs_lists_finished_and_unfinished_runs(tiny_data_dir, tmp_path, monkeypatch):
     runs_dir = tmp_path / "runs"
     tr.train(tiny_cfg(tiny_data_dir, runs_dir, epochs=2), run_dir=runs_dir / "done", printer=lambda s: None,
@@ -463,3 +485,15 @@ def test_runs_lists_finished_and_unfinished_runs(tiny_data_dir, tmp_path, monkey
     assert json.loads(_cli(["runs", "--runs-dir", str(runs_dir), "--json"], tmp_path).stdout) == rows
     bad = _cli(["runs", "--runs-dir", str(tmp_path / "none")], tmp_path)
     assert bad.exit_code == 2 and bad.stderr.strip() == f"error: {tmp_path / 'none'}: no runs folder"
+
+
+def test_progress_lines_inside_an_epoch_when_stderr_is_not_a_terminal(tiny_data_dir, tmp_path, monkeypatch):
+    """A log file sees how far an epoch got: a line per PROGRESS_SECONDS with samples, loss and speed."""
+    monkeypatch.setattr(tr, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(tr.sys.stderr, "isatty", lambda: False, raising=False)
+    heard: list[str] = []
+    tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=1, batch_size=64), printer=heard.append)
+    lines = [h for h in heard if h.startswith("epoch 1: ")]
+    assert lines and all(" samples, loss " in h and h.endswith(" samples/s") for h in lines)
+    done, total = lines[-1].split()[2].split("/")
+    assert done == total

@@ -1,14 +1,52 @@
-"""Readers for RecBole atomic files and BSARec/WEARec `.txt` sequence files."""
+"""Readers for RecBole atomic files and BSARec/WEARec `.txt` sequence files.
+
+Text files are read as UTF-8, with or without a byte-order mark (spreadsheet tools write one); a
+BOM anywhere but at the very start, or bytes that are not UTF-8, are one-line DataErrors naming the
+file and the line.
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import IO
 
 import numpy as np
 
 from athwe.errors import DataError
 
 FIELD_TYPES = ("token", "token_seq", "float", "float_seq")
+TEXT_ENCODING = "utf-8-sig"  # UTF-8; a leading byte-order mark is dropped
+BOM = "\ufeff"
+
+
+def open_text(path: Path) -> IO[str]:
+    """Open a data file for reading text: UTF-8, a leading byte-order mark dropped, universal newlines."""
+    return open(path, encoding=TEXT_ENCODING)
+
+
+def not_utf8_error(path: Path, err: UnicodeDecodeError | None = None) -> DataError:
+    """The DataError for a file that is not UTF-8 text, naming the first line that does not decode
+    (found by a second, binary pass, so reading valid files costs nothing extra)."""
+    reason = err.reason if err is not None else "invalid UTF-8"
+    try:
+        with open(path, "rb") as f:
+            if f.read(2) in (b"\xff\xfe", b"\xfe\xff"):
+                return DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+            f.seek(0)
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    return DataError(f"{path}:{lineno}: not UTF-8 text ({e.reason} at byte {e.start + 1} of the "
+                                     f"line); save the file as UTF-8")
+    except OSError:
+        pass
+    return DataError(f"{path}: not UTF-8 text ({reason}); save the file as UTF-8")
+
+
+def stray_bom_error(path: Path, lineno: int) -> DataError:
+    return DataError(f"{path}:{lineno}: byte-order mark (U+FEFF) inside the file, not at its start "
+                     f"(were two files concatenated?)")
 
 
 @dataclass
@@ -61,10 +99,14 @@ def read_atomic(path: str | Path) -> AtomicTable:
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             header = f.readline()
             if not header.strip():
                 raise DataError(f"{path}: empty file (expected a typed header such as user_id:token)")
+            if BOM in header:
+                raise stray_bom_error(path, 1)
+            if "\x00" in header:
+                raise DataError(f"{path}:1: NUL characters in the header (UTF-16 text?); save the file as UTF-8")
             names, types = _parse_header(path, header)
             n = len(names)
             raw: list[list[str]] = [[] for _ in range(n)]
@@ -73,6 +115,8 @@ def read_atomic(path: str | Path) -> AtomicTable:
                 line = line.rstrip("\r\n")
                 if not line:
                     continue
+                if line[0] == BOM:
+                    raise stray_bom_error(path, lineno)
                 linenos.append(lineno)
                 parts = line.split("\t")
                 if len(parts) != n:
@@ -80,7 +124,7 @@ def read_atomic(path: str | Path) -> AtomicTable:
                 for i, p in enumerate(parts):
                     raw[i].append(p)
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        raise not_utf8_error(path, e) from None
     table = AtomicTable(path=path, names=names, types=types)
     for name, col in zip(names, raw):
         typ = types[name]
@@ -122,11 +166,13 @@ def read_sequence_txt(path: str | Path) -> tuple[list[str], list[list[str]]]:
     seqs: list[list[str]] = []
     seen: set[str] = set()
     try:
-        with open(path, encoding="utf-8") as f:
+        with open_text(path) as f:
             for lineno, line in enumerate(f, start=1):
                 parts = line.split()
                 if not parts:
                     continue
+                if parts[0][0] == BOM:
+                    raise stray_bom_error(path, lineno)
                 if len(parts) < 2:
                     raise DataError(f"{path}:{lineno}: user {parts[0]!r} has no items")
                 if parts[0] in seen:
@@ -135,7 +181,7 @@ def read_sequence_txt(path: str | Path) -> tuple[list[str], list[list[str]]]:
                 users.append(parts[0])
                 seqs.append(parts[1:])
     except UnicodeDecodeError as e:
-        raise DataError(f"{path}: not UTF-8 text ({e.reason})") from None
+        raise not_utf8_error(path, e) from None
     if not users:
         raise DataError(f"{path}: no sequences found")
     return users, seqs

@@ -58,6 +58,7 @@ import json
 import os
 import re
 import shutil
+import sys
 import tempfile
 import time
 import zlib
@@ -68,7 +69,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from athwe.dataset.atomic import read_atomic, read_sequence_txt
+from athwe.dataset.atomic import BOM, open_text, read_atomic, read_sequence_txt
 from athwe.errors import DataError
 from athwe.utils import temp_dir
 
@@ -126,25 +127,37 @@ def _open_binary(path: Path) -> io.BufferedIOBase:
 
 
 def _iter_lines(path: Path, progress: bool = False) -> Iterator[tuple[int, str | None, str | None]]:
-    """(line number, text or None, decode error or None) for every non-blank line."""
+    """(line number, text or None, decode error or None) for every non-blank line. Text is UTF-8; a
+    byte-order mark at the start of the file is dropped, a UTF-16 file is refused at once. The
+    progress bar shows on a terminal only, and a failed read clears it (the error is the one line)."""
     from tqdm import tqdm
 
-    with _open_binary(path) as f, tqdm(desc=path.name, unit=" lines", disable=not progress,
-                                       mininterval=1.0) as bar:
+    show = progress and sys.stderr.isatty()
+    with _open_binary(path) as f, tqdm(desc=path.name, unit=" lines", disable=not show, mininterval=1.0) as bar:
         lineno = 0
         try:
             for raw in f:
                 lineno += 1
                 bar.update(1)
+                if lineno == 1:
+                    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+                        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); "
+                                        f"save it as UTF-8")
+                    if raw[:3] == b"\xef\xbb\xbf":
+                        raw = raw[3:]
                 try:
                     text = raw.decode("utf-8")
                 except UnicodeDecodeError as e:
-                    yield lineno, None, f"not UTF-8 text ({e.reason} at byte {e.start})"
+                    yield lineno, None, f"not UTF-8 text ({e.reason} at byte {e.start + 1} of the line)"
                     continue
                 if text.strip():
                     yield lineno, text, None
         except (EOFError, OSError, zlib.error) as e:
+            bar.leave = False
             raise DataError(f"{path}:{lineno + 1}: corrupt or truncated compressed data ({e})") from None
+        except BaseException:  # the caller's DataError arrives here as GeneratorExit
+            bar.leave = False
+            raise
 
 
 def _parse_record(text: str) -> dict:
@@ -310,7 +323,10 @@ def _first_record(path: Path) -> tuple[int, dict, str]:
 
 def _is_csv_2023(path: Path) -> bool:
     with _open_binary(path) as f:
-        head = f.readline().decode("utf-8", "replace").strip().lower()
+        raw = f.readline()
+    if raw[:2] in (b"\xff\xfe", b"\xfe\xff"):
+        raise DataError(f"{path}: UTF-16 text (it starts with a UTF-16 byte-order mark); save it as UTF-8")
+    head = raw.decode("utf-8", "replace").lstrip(BOM).strip().lower()
     cols = [c.strip() for c in head.split(",")]
     return "user_id" in cols and ("parent_asin" in cols or "asin" in cols) and "timestamp" in cols
 
@@ -704,8 +720,8 @@ def _copy_side_table(src: Path, dst: Path, id_names: tuple[str, ...], new_id: st
     """Copy a .item/.user atomic file: id column renamed, rows of kept ids only (first row wins)."""
     if not src.is_file():
         return None
-    read_atomic(src).find_token(*id_names)  # validates the whole file (header types, field counts, numbers)
-    with open(src, encoding="utf-8") as f:
+    read_atomic(src).find_token(*id_names)  # validates the whole file (encoding, header, field counts, numbers)
+    with open_text(src) as f:
         header = f.readline().rstrip("\r\n").split("\t")
         names = [h.rsplit(":", 1)[0] for h in header]
         col = next((names.index(n) for n in id_names if n in names), None)
@@ -853,6 +869,7 @@ def import_dataset(
     if meta_path is not None and fmt not in AMAZON_FORMATS:
         raise DataError(f"--meta applies to Amazon review dumps only, not to format {fmt!r}")
 
+    created = _missing_folders(out_dir)  # removed again if the import fails: no new empty folders
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir(out_dir, f".{name}.import-")
     try:
@@ -888,8 +905,28 @@ def import_dataset(
         _move_into_place(tmp, dest)
     except BaseException:
         _remove_tree(tmp)
+        _remove_empty(created)
         raise
     return summary
+
+
+def _missing_folders(path: Path) -> list[Path]:
+    """`path` and those of its parents that do not exist yet, deepest first."""
+    out = []
+    for p in [path, *path.parents]:
+        if p.exists() or p.is_symlink():
+            break
+        out.append(p)
+    return out
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove the folders (deepest first) that are still empty; leave any that are not."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            return
 
 
 def _move_into_place(tmp: Path, dest: Path) -> None:

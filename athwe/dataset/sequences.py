@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from athwe.dataset.atomic import read_atomic, read_sequence_txt
+from athwe.dataset.atomic import open_text, read_atomic, read_sequence_txt
 from athwe.errors import ConfigError, DataError
 from athwe.utils import atomic_torch_save, fingerprint_tokens
 
@@ -261,7 +261,7 @@ def _txt_item_id(tok: str) -> int:
 def _txt_lineno(path: Path, index: int) -> int:
     """File line of the index-th sequence of a .txt file (blank lines skipped), for error messages."""
     n = 0
-    with open(path, encoding="utf-8") as f:
+    with open_text(path) as f:
         for lineno, line in enumerate(f, start=1):
             if line.split():
                 if n == index:

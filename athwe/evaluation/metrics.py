@@ -7,6 +7,9 @@ in the target's favour). Padding (item 0) is always excluded. History handling:
   named option: items scored below 0 then rank under already-seen items);
 - ``exclude``: history items are removed from the ranking (a target that also appears in the
   history then counts as a miss).
+
+A row with a score that is not finite (NaN or infinite: a diverged model) counts as a miss, never
+a hit, and the metrics report how many rows had one (``nonfinite_rows``).
 """
 from __future__ import annotations
 
@@ -77,7 +80,9 @@ def evaluate(score_fn: Callable, samples: SampleSet, history: str = "none", batc
              device: torch.device | str = "cpu", ks: tuple[int, ...] = KS,
              trim: bool = False, shard: tuple[int, int] | None = None) -> tuple[dict[str, float], torch.Tensor]:
     """Rank every item for every row of `samples`. `score_fn(batch)` returns (B, n_items+1) scores.
-    Returns (metrics, ranks). Results do not depend on batch_size (ranks are per row).
+    Returns (metrics, ranks). Results do not depend on batch_size (ranks are per row). Rows with
+    a non-finite score rank their target as a miss; `metrics["nonfinite_rows"]` counts them (the key
+    is there only when there are any).
     `shard` (i, n) ranks only the rows r with r mod n == i and leaves the other ranks 0 (the
     metrics then cover a part: sum the ranks of all n shards and call `metrics_from_ranks`).
 
@@ -88,6 +93,7 @@ def evaluate(score_fn: Callable, samples: SampleSet, history: str = "none", batc
         raise ValueError(f"unknown history mode {history!r} (one of {', '.join(HISTORY_MODES)})")
     ranks = (torch.empty(len(samples), dtype=torch.long) if shard is None
              else torch.zeros(len(samples), dtype=torch.long))
+    nonfinite = 0
     for rows, width in _batches(samples, batch_size, trim):
         if shard is not None:
             rows = rows[rows % shard[1] == shard[0]]
@@ -98,6 +104,7 @@ def evaluate(score_fn: Callable, samples: SampleSet, history: str = "none", batc
             batch.input_ids, batch.timestamps = batch.input_ids[:, -width:], batch.timestamps[:, -width:]
         batch = batch.to(device)
         scores = score_fn(batch).float()
+        broken = ~torch.isfinite(scores[:, 1:]).all(1)  # NaN > t is never true: such a row would rank first
         if history != "none":
             r, it = samples.history_of(rows)
             apply_history(scores, r, it, history)
@@ -106,5 +113,11 @@ def evaluate(score_fn: Callable, samples: SampleSet, history: str = "none", batc
         if history == "exclude":  # a target removed from the ranking is a miss, whatever the catalogue size
             rank = torch.where(torch.isneginf(scores.gather(1, batch.target.unsqueeze(1))).squeeze(1),
                                torch.full_like(rank, MISS_RANK), rank)
+        if bool(broken.any()):
+            rank = torch.where(broken, torch.full_like(rank, MISS_RANK), rank)
+            nonfinite += int(broken.sum())
         ranks[rows] = rank.cpu()
-    return metrics_from_ranks(ranks, ks), ranks
+    metrics = metrics_from_ranks(ranks, ks)
+    if nonfinite:
+        metrics["nonfinite_rows"] = float(nonfinite)
+    return metrics, ranks

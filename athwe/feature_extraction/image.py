@@ -73,6 +73,48 @@ def pretrained_available(model: str, pretrained: str | None, cache_dir: str | No
     return False
 
 
+CHECKPOINT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt")
+
+
+def check_image_model(model: str, pretrained: str | None, random_weights: bool = False) -> None:
+    """The checks on an image model that load nothing (run before any work): the architecture is
+    one open_clip knows, and `pretrained` is an existing checkpoint file or a weights tag known for
+    that architecture (whether a tag's weights are cached or downloadable shows only when loading)."""
+    import open_clip
+
+    if random_weights and pretrained:
+        raise FeatureError("random_weights=True builds an untrained image model; do not pass a pretrained tag too")
+    hub = model.startswith(("hf-hub:", "local-dir:"))
+    if not random_weights and not pretrained and not hub:
+        raise FeatureError(f"image model {model!r}: no pretrained weights given (pass --pretrained TAG or a "
+                           f"checkpoint file, e.g. --pretrained openai)")
+    if model.startswith("local-dir:") and not Path(model[len("local-dir:"):]).expanduser().is_dir():
+        raise FeatureError(f"{model[len('local-dir:'):]}: image model folder not found (--image-model local-dir:PATH)")
+    if not hub and model.replace("/", "-") not in open_clip.list_models():
+        import difflib
+
+        close = difflib.get_close_matches(model, open_clip.list_models(), n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}? " if close else ""
+        raise FeatureError(f"unknown image model {model!r} (--image-model takes an open_clip architecture such as "
+                           f"ViT-B-16 or ViT-L-14; {hint}see open_clip.list_models())")
+    if random_weights or not pretrained or hub:
+        return
+    path = Path(pretrained).expanduser()
+    if path.is_file():
+        return
+    if path.is_dir():
+        raise FeatureError(f"{pretrained}: a folder, not a checkpoint file (--pretrained takes an open_clip weights "
+                           f"tag or a checkpoint file)")
+    if open_clip.get_pretrained_cfg(model, pretrained):
+        return
+    if any(c in pretrained for c in "/\\") or pretrained.lower().endswith(CHECKPOINT_SUFFIXES):
+        raise FeatureError(f"{pretrained}: pretrained checkpoint file not found (--pretrained takes an open_clip "
+                           f"weights tag or an existing checkpoint file)")
+    tags = open_clip.list_pretrained_tags_by_model(model)
+    raise FeatureError(f"image model {model!r}: pretrained {pretrained!r} is neither a known tag "
+                       f"({', '.join(tags) or 'none'}) nor an existing checkpoint file (--pretrained)")
+
+
 class ImageEncoder:
     """An open_clip image tower with a fixed pooling; `encode(batch)` returns float32 CPU rows."""
 
@@ -83,23 +125,10 @@ class ImageEncoder:
 
         if pooling not in POOLINGS:
             raise FeatureError(f"image pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
-        if random_weights and pretrained:
-            raise FeatureError("random_weights=True builds an untrained image model; do not pass a pretrained tag too")
-        if not random_weights and not pretrained and not model.startswith(("hf-hub:", "local-dir:")):
-            raise FeatureError(f"image model {model!r}: no pretrained weights given (pass --pretrained TAG or a "
-                               f"checkpoint file, e.g. --pretrained openai)")
+        check_image_model(model, pretrained, random_weights)
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
-        known = model.startswith(("hf-hub:", "local-dir:")) or model.replace("/", "-") in open_clip.list_models()
-        if not known:
-            raise FeatureError(f"unknown image model {model!r} (open_clip architectures: "
-                               f"{', '.join(open_clip.list_models()[:8])}, ...; see open_clip.list_models())")
         tag_cfg = open_clip.get_pretrained_cfg(model, pretrained) if pretrained else {}
         quick_gelu = bool(tag_cfg.get("quick_gelu", False))
-        if pretrained and not random_weights and not tag_cfg and not Path(pretrained).expanduser().is_file() \
-                and not model.startswith(("hf-hub:", "local-dir:")):
-            tags = open_clip.list_pretrained_tags_by_model(model)
-            raise FeatureError(f"image model {model!r}: pretrained {pretrained!r} is neither a known tag "
-                               f"({', '.join(tags) or 'none'}) nor an existing checkpoint file")
         where = (f"the file {pretrained}" if pretrained and Path(pretrained).expanduser().is_file() else
                  f"the Hugging Face cache {hub_cache_dir()}"
                  + (" (offline mode)" if hub_offline() else " and the hub"))

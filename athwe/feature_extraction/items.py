@@ -166,12 +166,12 @@ def text_columns(table: ItemTable, fields: list[str] | None = None, template: st
         unknown = [n for n in names if n not in table.types]
         if unknown:
             raise FeatureError(f"{table.path}: text template {template!r} uses unknown field(s) "
-                               f"{', '.join(unknown)}; columns: {', '.join(table.columns)}")
+                               f"{', '.join(unknown)} (--text-template); columns: {', '.join(table.columns)}")
         columns = list(dict.fromkeys(names))
     elif fields:
         unknown = [f for f in fields if table.resolve(f) is None]
         if unknown:
-            raise FeatureError(f"{table.path}: unknown text field(s) {', '.join(unknown)}; "
+            raise FeatureError(f"{table.path}: unknown text field(s) {', '.join(unknown)} (--text-fields); "
                                f"columns: {', '.join(table.columns)}")
         columns = [table.resolve(f) for f in fields]  # type: ignore[misc]
     else:

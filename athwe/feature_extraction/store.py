@@ -282,7 +282,7 @@ def read_item2id(path: Path) -> dict[str, int]:
     """The upstream item-token -> id mapping (pickled dict or JSON)."""
     try:
         if path.suffix == ".json":
-            obj = json.loads(path.read_text(encoding="utf-8"))
+            obj = json.loads(path.read_text(encoding="utf-8-sig"))
         else:
             obj = _PlainUnpickler(io.BytesIO(path.read_bytes())).load()
     except Exception as e:  # noqa: BLE001 - corrupt pickle / JSON / unreadable file

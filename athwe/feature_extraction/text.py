@@ -55,6 +55,26 @@ def hub_offline() -> bool:
         return False
 
 
+def check_text_model(model: str) -> None:
+    """The checks on a text model that load nothing (run before any work): a local folder must
+    exist and hold a config.json; a hub name must be in the cache when the hub is offline."""
+    local = Path(model).expanduser()
+    if local.is_dir():
+        if not (local / "config.json").is_file():
+            raise FeatureError(f"{model}: not a transformers model folder (no config.json); --text-model takes a "
+                               f"folder saved with save_pretrained (config, tokenizer and weights) or a hub name")
+        return
+    if local.exists():
+        raise FeatureError(f"{model}: a file, not a model folder; --text-model takes a folder saved with "
+                           f"save_pretrained (config, tokenizer and weights) or a hub name")
+    if looks_like_path(model):
+        raise FeatureError(f"{model}: text model folder not found; --text-model takes an existing folder with "
+                           f"config.json, tokenizer and weights, or a Hugging Face model name")
+    if hub_offline() and _snapshot_dir(model) is None:
+        raise FeatureError(f"text model {model!r}: not in the Hugging Face cache {hub_cache_dir()} (offline mode); "
+                           f"download it elsewhere and pass the local folder with --text-model /path/to/dir")
+
+
 def _one_line(e: BaseException, limit: int = 240) -> str:
     text = " ".join(str(e).split())
     return text if len(text) <= limit else text[: limit - 3] + "..."
@@ -126,11 +146,9 @@ class TextEncoder:
         if pooling not in POOLINGS:
             raise FeatureError(f"text pooling must be one of {', '.join(POOLINGS)}, not {pooling!r}")
         self.device = resolve_device(device) if not isinstance(device, torch.device) else device
+        check_text_model(model)
         local = Path(model).expanduser()
         is_local = local.is_dir()
-        if not is_local and looks_like_path(model):
-            raise FeatureError(f"text model directory {model} not found (pass an existing folder with "
-                               f"config.json, tokenizer and weights, or a Hugging Face model name)")
         src = str(local) if is_local else model
         where = (f"the folder {local}" if is_local else f"the Hugging Face cache {hub_cache_dir()}"
                  + (" (offline mode)" if hub_offline() else " and huggingface.co"))
@@ -143,9 +161,10 @@ class TextEncoder:
             self.tokenizer = AutoTokenizer.from_pretrained(src)
             loaded = AutoModel.from_pretrained(src, output_loading_info=True)
         except Exception as e:  # noqa: BLE001 - transformers/hub raise OSError, ValueError, HTTP and JSON errors
+            hint = ("--text-model takes a folder saved with save_pretrained (config, tokenizer and weights)"
+                    if is_local else "download it elsewhere and pass the local folder with --text-model /path/to/dir")
             raise FeatureError(f"text model {model!r}: weights or tokenizer not found/loadable in {where} "
-                               f"({type(e).__name__}: {_one_line(e, 160)}); download it elsewhere and pass the "
-                               f"local folder with --text-model /path/to/dir") from None
+                               f"({type(e).__name__}: {_one_line(e, 160)}); {hint}") from None
         finally:
             if bars:
                 hf_logging.enable_progress_bar()

@@ -275,20 +275,28 @@ class SparseMoE(nn.Module):
         self.experts = nn.Parameter(torch.empty(n_routed, dim).normal_(0.0, std))
         self.shared = nn.Parameter(torch.empty(n_shared, dim).normal_(0.0, std)) if n_shared else None
 
+    def route(self, routing: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Router probabilities (N, E), the top-k experts (N, k) and their renormalised weights. In
+        float32 under bf16 autocast too: with a near-uniform router, bfloat16 rounding of the logits
+        would decide which experts are chosen."""
+        with torch.autocast(routing.device.type, enabled=False):
+            probs = torch.softmax(F.linear(routing.float(), self.router.weight, self.router.bias), dim=-1)
+        top, idx = probs.topk(self.topk, dim=-1)
+        return probs, idx, top / top.sum(-1, keepdim=True).clamp(min=1e-6)
+
     def forward(self, x: torch.Tensor, routing: torch.Tensor,
                 valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """x, routing (N, D); valid (N,) bool. Returns the output (N, D) and the mean off-diagonal
         cosine similarity between the routed experts' outputs over the valid tokens."""
-        probs = torch.softmax(self.router(routing), dim=-1)
-        top, idx = probs.topk(self.topk, dim=-1)
-        weights = top / top.sum(-1, keepdim=True).clamp(min=1e-6)
+        probs, idx, weights = self.route(routing)
         scale = torch.zeros_like(probs).scatter(1, idx, weights) @ self.experts
         if self.shared is not None:
             scale = scale + self.shared.sum(0)
         out = x * scale
         # <x*e_i, x*e_j> over tokens = sum_d s_d e_i[d] e_j[d] with s_d = sum_n x_nd^2: no (E, N, D) tensor
-        s = (x.square() * valid.unsqueeze(1)).sum(0)
-        gram = (self.experts * s) @ self.experts.t()
+        with torch.autocast(x.device.type, enabled=False):  # float32 under bf16 autocast too
+            s = (x.float().square() * valid.unsqueeze(1)).sum(0)
+            gram = (self.experts * s) @ self.experts.t()
         norm = gram.diagonal().clamp(min=1e-16).sqrt()
         cos = gram / (norm.unsqueeze(1) * norm.unsqueeze(0))
         e = len(self.experts)
@@ -581,8 +589,9 @@ class ATHWE(SequentialRecommender):
         diversity = None
         if c.moe:
             flat = x.reshape(b * n, -1)
-            if c.time_routing:
-                routing = self.routing_dropout(F.relu(self.time_routing(tau))).reshape(b * n, -1)
+            if c.time_routing:  # float32 under autocast too, like the router it feeds
+                with torch.autocast(ids.device.type, enabled=False):
+                    routing = self.routing_dropout(F.relu(self.time_routing(tau.float()))).reshape(b * n, -1)
             else:
                 routing = flat
             out, diversity = self.moe(flat, routing, valid.reshape(-1))

@@ -11,6 +11,7 @@ import math
 import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -33,6 +34,27 @@ from athwe.utils import (busy_cpus_elsewhere, keep_freed_memory, oversubscriptio
                          seed_everything)
 
 Printer = Callable[[str], None]
+#: seconds between progress lines inside an epoch when stderr is not a terminal
+PROGRESS_SECONDS = 30.0
+
+
+_start_threads: int | None = None
+
+
+def default_threads() -> int:
+    """torch's thread count when the first run of this process started: the most a run uses."""
+    global _start_threads
+    if _start_threads is None:
+        _start_threads = torch.get_num_threads()
+    return _start_threads
+
+
+def free_threads(busy: float | None, most: int) -> int:
+    """Threads for a run with train.num_threads 0: the `most` CPUs less those other processes keep
+    `busy` (rounded), at least one; all `most` where nothing was measured."""
+    if busy is None:
+        return most
+    return max(1, min(most, int(most - busy + 0.5)))
 
 
 def autocast_context(device: torch.device, precision: str) -> Callable[[], Any]:
@@ -97,9 +119,19 @@ class Trainer:
         if cfg.train.num_threads > 0:
             torch.set_num_threads(cfg.train.num_threads)
         if self.device.type == "cpu":
-            note = oversubscription_note(torch.get_num_threads(), busy_cpus_elsewhere(), os.cpu_count())
-            if note:
-                printer(f"note: {note}")
+            busy = busy_cpus_elsewhere()
+            if cfg.train.num_threads == 0 and not self.world.active:
+                # the CPUs free when the run starts: torch's threads wait for each other at every
+                # operation, so a thread that shares its core with another process slows them all
+                threads = free_threads(busy, default_threads())
+                torch.set_num_threads(threads)
+                if threads < default_threads():
+                    printer(f"note: other processes keep about {busy:.1f} CPUs busy: training on {threads} "
+                            f"thread(s) (--threads N sets them)")
+            else:
+                note = oversubscription_note(torch.get_num_threads(), busy, os.cpu_count())
+                if note:
+                    printer(f"note: {note}")
         if cfg.train.precision == "bf16" and self.device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ConfigError(f"train.precision bf16: {torch.cuda.get_device_name(self.device)} "
                               "has no bfloat16 support; use train.precision fp32")
@@ -166,12 +198,15 @@ class Trainer:
     def train_epoch(self) -> float:
         self.model.train()
         train = self.split.train
-        g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + self.epoch)
+        g = torch.Generator().manual_seed((self.cfg.train.seed * 1_000_003 + self.epoch) % 2**63)
         perm = torch.randperm(len(train), generator=g)
         bs = self.cfg.train.batch_size
         total, steps = 0.0, 0
+        # a bar on a terminal; where stderr is not one (a log file), a line every PROGRESS_SECONDS
+        lines = self.progress and not sys.stderr.isatty()
         bar = tqdm(range(0, len(train), bs), desc=f"epoch {self.epoch + 1}", leave=False,
-                   disable=not self.progress or None, unit="batch")
+                   disable=not self.progress or lines, unit="batch")
+        t0 = last = time.perf_counter()
         world = self.world
         for start in bar:
             rows = perm[start:start + bs]
@@ -192,12 +227,29 @@ class Trainer:
             if world.active:
                 distributed.average_gradients(self.model.parameters(), share)
                 value = float(distributed.all_sum(torch.tensor([value * share], dtype=torch.float64))[0])
+            if not math.isfinite(value):  # before the step: the weights stay those of the last good step
+                raise self.diverged(f"step {steps + 1}: the training loss is {value}")
             self.optimizer.step()
             total += value
             steps += 1
             if steps % 20 == 0:
                 bar.set_postfix(loss=f"{total / steps:.4f}")
+            if lines and time.perf_counter() - last >= PROGRESS_SECONDS:
+                last = time.perf_counter()
+                done = min(start + bs, len(train))
+                self.print(f"epoch {self.epoch + 1}: {done:,}/{len(train):,} samples, loss {total / steps:.4f}, "
+                           f"{done / (last - t0):.0f} samples/s")
         return total / max(steps, 1)
+
+    def diverged(self, what: str) -> AthweError:
+        """The one-line error that ends a run whose loss or weights stopped being finite."""
+        t = self.cfg.train
+        cause = f"the learning rate (train.lr {t.lr:g}) is likely too high for this model"
+        if t.precision == "bf16":
+            cause += ", or bf16 precision overflows (try --precision fp32)"
+        kept = (f"{self.run_dir / runs.BEST} keeps epoch {self.best_epoch}" if self.best_epoch
+                else "no epoch had finished, so nothing was kept")
+        return AthweError(f"training diverged in epoch {self.epoch + 1}, {what}: {cause}; {kept}")
 
     def evaluate(self, samples: SampleSet) -> dict[str, float]:
         self.model.eval()
@@ -217,6 +269,9 @@ class Trainer:
         while self.epoch < cfg.epochs and self.bad_epochs < cfg.patience:
             t0 = time.perf_counter()
             loss = self.train_epoch()
+            broken = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            if broken is not None:
+                raise self.diverged(f"after its last step: parameter {broken} is not finite")
             dt = time.perf_counter() - t0
             self.train_seconds += dt
             self.train_samples += len(self.split.train)
@@ -295,16 +350,21 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
     data, split = load_data(cfg)
     printer(f"{cfg.data.dataset}: {data.n_users} users, {data.n_items} items, {data.n_interactions} interactions; "
             f"{len(split.train)} training samples ({cfg.data.preset} preset, N={cfg.data.max_seq_length})")
-    created = False
+    fresh: Path | None = None  # the outermost folder this call creates, removed again if it keeps nothing
     if world.main:
+        target = Path(run_dir) if run_dir else Path(cfg.train.runs_dir) / "-"
+        fresh = _outermost_missing(target)
         run = Path(run_dir) if run_dir else runs.new_run_dir(cfg)
-        created = not run.exists() or not any(run.iterdir())
+        if fresh == target:
+            fresh = run
+        elif fresh is None and not any(run.iterdir()):
+            fresh = run
         run.mkdir(parents=True, exist_ok=True)
     try:
         trainer = Trainer(cfg, run, data, split, printer, progress)
     except BaseException:
-        if created:  # a model that cannot be built (missing features, bad model_args) leaves no run folder
-            shutil.rmtree(run, ignore_errors=True)
+        if fresh is not None:  # a model that cannot be built (missing features, bad model_args) leaves no folder
+            shutil.rmtree(fresh, ignore_errors=True)
         raise
     if world.main:
         runs.save_run_files(run, cfg, data)
@@ -313,7 +373,22 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
     printer(f"run folder: {run}  model: {cfg.model} "
             f"({sum(p.numel() for p in trainer.model.parameters()):,} parameters) "
             f"device: {trainer.device}")
-    return run, trainer.fit(stop_after=stop_after)
+    try:
+        return run, trainer.fit(stop_after=stop_after)
+    except AthweError:  # diverged: a folder without a finished epoch holds nothing to keep
+        if fresh is not None and not (run / runs.LAST).exists():
+            shutil.rmtree(fresh, ignore_errors=True)
+        raise
+
+
+def _outermost_missing(path: Path) -> Path | None:
+    """The outermost folder on the way to `path` (itself included) that does not exist yet."""
+    missing = None
+    for p in [path, *path.parents]:
+        if p.exists():
+            break
+        missing = p
+    return missing
 
 
 def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
@@ -330,7 +405,7 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
         printer, progress = _quiet, False
     if num_threads and num_threads != cfg.train.num_threads:
         printer(f"note: resuming on {num_threads} CPU thread(s) (the run started with "
-                f"{cfg.train.num_threads or 'torch default'})")
+                f"{cfg.train.num_threads or 'the free CPUs'})")
         cfg.train.num_threads = num_threads
     last = run / runs.LAST
     if not last.is_file():
