@@ -45,7 +45,8 @@ from athwe.dataset.sequences import format_seconds
 from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model
-from athwe.models.layers import Dropout, TransformerBlock, attention_mask, init_weights, lookup, ranking_loss
+from athwe.models.layers import (Dropout, Tokens, TransformerBlock, attention_mask, init_weights, lookup,
+                                 ranking_loss)
 
 MODALITIES = ("id", "text", "image")
 FEATURE_MODALITIES = ("text", "image")
@@ -556,12 +557,15 @@ class ATHWE(SequentialRecommender):
             tables[m] = torch.cat([proj.new_zeros(1, proj.shape[1]), proj])
         return tables
 
-    def _encode_stream(self, m: str, h: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        z = self.dropout(self.norms[m](h))
+    def _encode_stream(self, m: str, h: torch.Tensor, mask: torch.Tensor, tokens: Tokens) -> torch.Tensor:
+        """Modality m's encoder on (B, L, H) inputs: its output at each row's last position, (B, H).
+        Everything in it is per position except attention, where padding keys are masked, so only
+        the real items (and each row's last position) are computed."""
+        z = self.dropout(self.norms[m](tokens.gather(h)))
         blocks = self.encoders[m]
         for i, block in enumerate(blocks):
-            z = block(z, mask, last_only=i == len(blocks) - 1)
-        return z[:, -1]
+            z = block.forward_packed(z, tokens, mask, last=i == len(blocks) - 1)
+        return z
 
     def forward(self, input_ids: torch.Tensor, timestamps: torch.Tensor, with_tcl: bool = False) -> ATHWEOutput:
         """Steps 1-6 of the module docstring on left-padded (B, L) ids and their timestamps (the last
@@ -598,6 +602,7 @@ class ATHWE(SequentialRecommender):
             x = out.view(x.shape)
         # 5. per-modality encoders (and, for temporal contrast, the placeholder views), last position
         mask = attention_mask(ids, causal=True)
+        tokens = Tokens.of(ids)
         placed = tcl_mask(valid, c.beta).unsqueeze(-1) if with_tcl and self.tcl_modalities else None
         seq: dict[str, torch.Tensor] = {}
         augmented: dict[str, torch.Tensor] = {}
@@ -605,10 +610,11 @@ class ATHWE(SequentialRecommender):
             h = x[:, :, i]
             if placed is not None and m in self.placeholders:
                 aug = torch.where(placed, self.placeholders[m](tau), h)
-                both = self._encode_stream(m, torch.cat([h, aug]), torch.cat([mask, mask]))
+                pair = Tokens.of(ids.repeat(2, 1))
+                both = self._encode_stream(m, torch.cat([h, aug]), torch.cat([mask, mask]), pair)
                 seq[m], augmented[m] = both[:b], both[b:]
             else:
-                seq[m] = self._encode_stream(m, h, mask)
+                seq[m] = self._encode_stream(m, h, mask, tokens)
         # 6. weighted concatenation: query . items is the score
         w = torch.softmax(self.fusion_weights, 0) if self.fusion_weights is not None else x.new_ones(1)
         query = torch.cat([w[i] * seq[m] for i, m in enumerate(self.modalities)], -1)

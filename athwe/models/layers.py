@@ -2,6 +2,8 @@
 layouts) and the ranking loss every model's ``loss`` is built on."""
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -133,6 +135,29 @@ class FeedForward(nn.Module):
         return self.norm(x + self.dropout(self.dense_2(F.gelu(self.dense_1(x)))))
 
 
+@dataclass
+class Tokens:
+    """The positions of a (batch, length) grid that a model computes: every real item and each row's
+    last position. `rows` are flat indices (row * length + column), ascending; `last[i]` is the
+    index into `rows` of row i's last position."""
+
+    batch: int
+    length: int
+    rows: torch.Tensor
+    last: torch.Tensor
+
+    @staticmethod
+    def of(input_ids: torch.Tensor) -> "Tokens":
+        keep = input_ids > 0
+        keep[:, -1] = True
+        b, n = keep.shape
+        return Tokens(b, n, keep.reshape(-1).nonzero().squeeze(1), keep.sum(1).cumsum(0) - 1)
+
+    def gather(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, d) -> the kept positions' rows, (R, d)."""
+        return x.reshape(self.batch * self.length, -1).index_select(0, self.rows)
+
+
 class MultiHeadAttention(nn.Module):
     """LN(x + Dropout(Dense(softmax(QK^T/sqrt(dh) + mask) V)))."""
 
@@ -173,6 +198,34 @@ class MultiHeadAttention(nn.Module):
         res = x[:, -1:] if last_only else x
         return self.norm(res + self.dropout(self.dense(self.context(x, mask, last_only))))
 
+    def forward_packed(self, x: torch.Tensor, tokens: Tokens, mask: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """The same function on the kept tokens only: x (R, d) holds the hidden states of the grid
+        positions `tokens.rows`. Positions left out are padding, whose keys the mask removes, so
+        they need no query, key, value or output. With `last`, the output of each row's last
+        position only, (B, d). Q, K and V come from one matrix product."""
+        b, n, d = tokens.batch, tokens.length, x.shape[1]
+        h, dh = self.heads, d // self.heads
+        names = ("key", "value") if last else ("query", "key", "value")
+        mods = [getattr(self, name) for name in names]
+        proj = F.linear(x, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
+        grid = x.new_zeros(b * n, proj.shape[1]).index_copy(0, tokens.rows, proj)
+        parts = grid.view(b, n, len(mods), h, dh).permute(2, 0, 3, 1, 4)  # (qkv, B, heads, N, dh)
+        if last:
+            xq = x.index_select(0, tokens.last)
+            q, (k, v) = self.query(xq).view(b, h, 1, dh), parts
+            mask = mask[:, :, -1:]
+        else:
+            q, k, v = parts
+        if self.training and self.attn_dropout > 0:
+            att = torch.softmax(q @ k.transpose(-1, -2) * dh ** -0.5 + mask, dim=-1)
+            out = dropout(att, self.attn_dropout, True) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        out = out.transpose(1, 2).reshape(-1, d)
+        if last:
+            return self.norm(xq + self.dropout(self.dense(out)))
+        return self.norm(x + self.dropout(self.dense(out.index_select(0, tokens.rows))))
+
 
 class TransformerBlock(nn.Module):
     def __init__(self, hidden: int, heads: int, inner: int, attn_dropout: float, hidden_dropout: float, eps: float):
@@ -182,6 +235,10 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor, last_only: bool = False) -> torch.Tensor:
         return self.feed_forward(self.attention(x, mask, last_only))
+
+    def forward_packed(self, x: torch.Tensor, tokens: Tokens, mask: torch.Tensor, last: bool = False) -> torch.Tensor:
+        """`forward` on the kept tokens only (MultiHeadAttention.forward_packed)."""
+        return self.feed_forward(self.attention.forward_packed(x, tokens, mask, last))
 
 
 class SequenceEmbedding(nn.Module):

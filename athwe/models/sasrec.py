@@ -10,7 +10,8 @@ import torch
 
 from athwe.dataset.split import Batch
 from athwe.models.base import EncoderConfig, SequentialRecommender, register_model, stack_blocks
-from athwe.models.layers import SequenceEmbedding, TransformerBlock, attention_mask, init_weights, ranking_loss
+from athwe.models.layers import (SequenceEmbedding, Tokens, TransformerBlock, attention_mask, init_weights,
+                                 ranking_loss)
 
 
 @dataclass
@@ -33,14 +34,20 @@ class SASRec(SequentialRecommender):
 
     def forward(self, input_ids: torch.Tensor, full: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Read-out vectors (B, d) at the last position and, with `full`, the last block's whole
-        output (B, N, d). Without `full` the last block computes the last position alone (the same
-        values: everything after its attention is position-wise)."""
+        output (B, N, d). Without `full` only the real items are computed (padding keys are masked
+        and everything but attention is per position) and the last block only the last position."""
         x = self.embedding(input_ids)
         mask = attention_mask(input_ids, causal=True)
         last = len(self.blocks) - 1
+        if full:
+            for block in self.blocks:
+                x = block(x, mask)
+            return x[:, -1], x
+        tokens = Tokens.of(input_ids)
+        x = tokens.gather(x)
         for i, block in enumerate(self.blocks):
-            x = block(x, mask, i == last and not full)
-        return x[:, -1], (x if full else None)
+            x = block.forward_packed(x, tokens, mask, last=i == last)
+        return x, None
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
         return self(batch.input_ids)[0]
