@@ -44,7 +44,7 @@ if TYPE_CHECKING:
     from PIL import Image as PILImage
 
 DEMO_NAME = "demo"
-DEMO_VERSION = 4  # bump whenever the generator's output changes
+DEMO_VERSION = 5  # bump whenever the generator's output changes
 
 MARKER = ".demo-complete"
 INTER_HEADER = "user_id:token\titem_id:token\ttimestamp:float"
@@ -477,7 +477,7 @@ def _write_dataset(folder: Path, seed: int, n_users: int, n_items: int) -> dict:
 
     lines = [INTER_HEADER]
     for u, events in enumerate(users):
-        ut = _token("u", u, n_users)
+        ut = str(u + 1)  # users are the plain numbers 1..n a newcomer types (`athwe retrieve --user 42`)
         for ts, it in events:
             lines.append(f"{ut}\t{item_tok[it]}\t{ts}")
     (folder / f"{DEMO_NAME}.inter").write_text("\n".join(lines) + "\n", encoding="utf-8", newline="\n")

@@ -630,26 +630,28 @@ class ATHWE(SequentialRecommender):
     # -- losses ------------------------------------------------------------------------------
     def category_loss(self, ids: torch.Tensor, items: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """BCE of the category head over every valid input position whose item has a category;
-        returns (mean loss, number of positions)."""
-        sel = ((ids > 0) & self.cat_has[ids]).reshape(-1)
+        returns (mean loss, number of positions). A position's term depends on its item alone, so
+        each distinct item is computed once and weighted by how often it occurs."""
         flat = ids.reshape(-1)
-        logits = self.cat_head(lookup(items, flat))
-        per = F.binary_cross_entropy_with_logits(logits, self.cat[flat], reduction="none").sum(1)
-        count = sel.sum()
-        return (per * sel).sum() / (count.clamp(min=1) * self.cat.shape[1]), count
+        kept = flat[(flat > 0) & self.cat_has[flat]]
+        uniq, times = torch.unique(kept, return_counts=True)
+        logits = self.cat_head(lookup(items, uniq))
+        per = F.binary_cross_entropy_with_logits(logits, self.cat[uniq], reduction="none").sum(1)
+        count = times.sum()
+        return (per * times).sum() / (count.clamp(min=1) * self.cat.shape[1]), count
 
     def cluster_loss(self, ids: torch.Tensor, tables: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         """Mean over text/image of the pseudo-label CE over every valid input position whose item
         has that feature; returns (loss, positions per modality)."""
         self.ensure_cluster_labels()
-        flat = ids.reshape(-1)
+        uniq, times = torch.unique(ids[ids > 0], return_counts=True)  # each distinct item once, weighted
         losses, counts = [], []
         for m, head in self.cluster_heads.items():
-            labels = getattr(self, f"{m}_labels")[flat]
-            sel = (flat > 0) & (labels >= 0)
-            per = F.cross_entropy(head(lookup(tables[m], flat)), labels.clamp(min=0), reduction="none")
-            count = sel.sum()
-            losses.append((per * sel).sum() / count.clamp(min=1))
+            labels = getattr(self, f"{m}_labels")[uniq]
+            w = times * (labels >= 0)
+            per = F.cross_entropy(head(lookup(tables[m], uniq)), labels.clamp(min=0), reduction="none")
+            count = w.sum()
+            losses.append((per * w).sum() / count.clamp(min=1))
             counts.append(count)
         return torch.stack(losses).mean(), torch.stack(counts)
 
