@@ -134,6 +134,9 @@ SECTIONS: tuple[Section, ...] = (
         "CPUs: each table records the machine, the thread count and the load, and the ratios measured "
         "side by side in one process carry over between machines better than absolute rates.",
         (
+            Entry("train_speed", "Training throughput against an older commit",
+                  "Every model's training samples/s on the demo, this tree against an older commit in "
+                  "alternating windows, and beside a single-threaded busy loop with the default threads."),
             Entry("model_speed", "Training step of every model",
                   "Steps/s of every model on LastFM batches, with plain re-implementations in the "
                   "reference code's style timed in alternating windows (ref-style rows)."),
@@ -178,7 +181,9 @@ SCRIPTS = """\
 |---|---|
 | `reproduce.py` | ID-only models on the shared datasets, test metrics beside the published numbers |
 | `athwe_ml100k.py` | ATHWE against SASRec, BSARec and WEARec (ml-100k by default), ablations, paired tests |
+| `train_speed.py` | every model's training samples/s, this tree against an older commit, idle and busy |
 | `model_speed.py` | training steps/s of every model, optionally beside reference-style implementations or in bf16 |
+| `gpu_check.py` | on a CUDA machine (`gpu_check.sh`): steps/s in fp32 and bf16, evaluation, the demo, extraction |
 | `eval_speed.py` | full-ranking evaluation time on Beauty and SASRec training throughput |
 | `extract_speed.py` | text and image feature extraction throughput, and a check of the text features |
 | `distributed_speed.py` | one process with several threads against torchrun processes |
