@@ -147,11 +147,20 @@ class Tokens:
     last: torch.Tensor
 
     @staticmethod
-    def of(input_ids: torch.Tensor) -> "Tokens":
+    def of(input_ids: torch.Tensor, buckets: int = 32) -> "Tokens":
+        """The real items of left-padded ids, plus padding positions up to the next multiple of
+        1/`buckets` of the grid: a padding position computes values nothing reads, and a few
+        recurring token counts let the allocator reuse its blocks (counts that change with every
+        batch fragment the heap until the process holds several times the memory it needs)."""
         keep = input_ids > 0
         keep[:, -1] = True
         b, n = keep.shape
-        return Tokens(b, n, keep.reshape(-1).nonzero().squeeze(1), keep.sum(1).cumsum(0) - 1)
+        flat = keep.view(-1)
+        count, quantum = int(flat.sum()), max(1, b * n // buckets)
+        extra = min(b * n, -(-count // quantum) * quantum) - count
+        if extra:
+            flat[(~flat).nonzero().squeeze(1)[:extra]] = True
+        return Tokens(b, n, flat.nonzero().squeeze(1), keep.sum(1).cumsum(0) - 1)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> the kept positions' rows, (R, d)."""
