@@ -123,6 +123,9 @@ SECTIONS: tuple[Section, ...] = (
             Entry("athwe_demo_time_routing", "Demo, time routing on and off",
                   "On the bundled demo, whose timestamps carry the signal, ATHWE with and without time "
                   "routing, and trained in bfloat16."),
+            Entry("athwe_demo_time_routing_packed", "Demo, time routing on and off, encoders on the real items",
+                  "The same comparison after the per-modality encoders were changed to compute only the "
+                  "real items (same function, other dropout draws), three seeds: quality and peak memory."),
             Entry("athwe_demo_time_scale_auto", "Demo, automatic time scale",
                   "`model_args.time_scale=auto` against the reference time scale (the ATHWE row of the "
                   "time-routing table, same seeds)."),
