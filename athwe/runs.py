@@ -207,6 +207,11 @@ def load_weights(model: nn.Module, state: Any, path: Path) -> None:
         raise AthweError(f"{path}: weights do not fit the run's {type(model).__name__} model: {detail}") from None
 
 
+def nonfinite_parameter(model: nn.Module) -> str | None:
+    """The name of the first parameter holding NaN or an infinity (a diverged model), else None."""
+    return next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+
+
 def load_run_config(run_dir: str | Path) -> RunConfig:
     """A run's config.yaml, checked as a fresh config is."""
     run = Path(run_dir)
@@ -304,7 +309,7 @@ def load_run_model(run_dir: str | Path) -> tuple[SequentialRecommender, Sequence
     model = create_model(cfg.model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss,
                          features).to(device)
     load_weights(model, load_checkpoint(best, device), best)
-    broken = next((n for n, p in model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+    broken = nonfinite_parameter(model)
     if broken is not None:
         raise AthweError(f"{best}: {broken} holds NaN or infinite values (the run diverged); train it again "
                          f"with a lower train.lr")

@@ -10,7 +10,6 @@ tests/test_bad_inputs_data.py) encoding and extraction.
 from __future__ import annotations
 
 import shutil
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Union
 
@@ -20,16 +19,9 @@ from typer.testing import CliRunner
 from athwe.cli import app
 from conftest import TINY_MODEL, write_tiny_dataset
 from test_bad_inputs_data import CASES as DATA_CASES
+from test_bad_inputs_data import Case
 
 Invocation = Union[list[str], tuple[list[str], dict[str, str]]]
-
-
-@dataclass(frozen=True)
-class Case:
-    id: str
-    kind: str  # config-shape | numbers | parse-errors | divergence | run-folder | encoding | extraction
-    setup: Callable[[Path], Invocation]  # writes files under tmp_path; returns argv or (argv, env)
-    needle: str  # text the one error line must hold: it names the file or option in question
 
 
 # ---- helpers for setups -------------------------------------------------------------------------

@@ -34,9 +34,11 @@ BOM = b"\xef\xbb\xbf"
 
 @dataclass(frozen=True)
 class Case:
+    """One row of the bad-input table (tests/test_bad_inputs.py runs every row, these too)."""
+
     id: str
-    kind: str  # encoding | extraction
-    setup: Callable[[Path], list[str]]  # writes files under tmp_path; returns argv
+    kind: str  # config-shape | numbers | parse-errors | divergence | run-folder | encoding | extraction
+    setup: Callable[[Path], list[str] | tuple[list[str], dict[str, str]]]  # returns argv or (argv, env)
     needle: str  # text the one error line must hold: it names the file or option in question
 
 

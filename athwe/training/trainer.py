@@ -269,7 +269,7 @@ class Trainer:
         while self.epoch < cfg.epochs and self.bad_epochs < cfg.patience:
             t0 = time.perf_counter()
             loss = self.train_epoch()
-            broken = next((n for n, p in self.model.named_parameters() if not bool(torch.isfinite(p).all())), None)
+            broken = runs.nonfinite_parameter(self.model)
             if broken is not None:
                 raise self.diverged(f"after its last step: parameter {broken} is not finite")
             dt = time.perf_counter() - t0
