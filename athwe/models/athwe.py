@@ -242,25 +242,20 @@ class WaveletAlign(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, L, M, H) -> same shape.
 
-        The coefficients are computed band-major, (T, B, M, H): each band is then one contiguous
-        block of rows and each source modality a strided (rows, H) matrix that the gate products
-        read in place, so the gates need no permuted copy of the coefficients (the only copies are
-        x's transpose into the analysis product and the concatenation of the fused bands)."""
+        The coefficients are computed source-major, (M, T, B*H): each band of each source is then one
+        contiguous (T_k*B, H) block, so a band's gates are one batched product over the sources, and
+        the bands are taken apart with split (whose backward is one concatenation, where slicing
+        would zero-fill a full-size gradient per slice)."""
         b, n, m, h = x.shape
         analysis, synthesis, sizes = self.operators(n, x.device, x.dtype)
-        coeffs = (analysis.t() @ x.transpose(0, 1).reshape(n, -1)).view(-1, m, h)  # (T*B, source, H)
-        # w[k, source] is the (in, target*out) matrix of the gates of band k that read that source
+        coeffs = analysis.t() @ x.permute(2, 1, 0, 3).reshape(m, n, b * h)  # (source, T, B*H)
+        # w[k] is (source, in, target*out): the gates of band k, one (H, M*H) matrix per source
         w = self.gates.permute(0, 2, 4, 1, 3).reshape(len(sizes), m, h, m * h)
-        fused, start = [], 0
-        for k, size in enumerate(sizes):
-            c = coeffs[start * b:(start + size) * b]  # (T_k*B, source, H)
-            start += size
-            band = None
-            for s in range(m):
-                src = c[:, s]
-                term = torch.sigmoid(src @ w[k, s]).view(-1, m, h) * src.unsqueeze(1)  # (T_k*B, target, H)
-                band = term if band is None else band + term
-            fused.append(band)
+        fused = []
+        for k, c in enumerate(coeffs.split(sizes, dim=1)):
+            c = c.reshape(m, -1, h)  # (source, T_k*B, H)
+            gate = torch.sigmoid(torch.bmm(c, w[k])).view(m, -1, m, h)  # (source, T_k*B, target, H)
+            fused.append((gate * c.unsqueeze(2)).sum(0))  # (T_k*B, target, H)
         rec = (synthesis.t() @ torch.cat(fused).view(sum(sizes), -1)).view(n, b, m, h).transpose(0, 1)
         return torch.lerp(x, rec.to(x.dtype), self.weight.view(1, 1, m, 1)).contiguous()  # bf16 under autocast
 

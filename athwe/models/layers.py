@@ -135,16 +135,91 @@ class FeedForward(nn.Module):
         return self.norm(x + self.dropout(self.dense_2(F.gelu(self.dense_1(x)))))
 
 
+def window_plan(spans: list[int], length: int, quantum: int = 8, max_groups: int = 4) -> list[tuple[int, int]]:
+    """Groups of rows for windowed attention: `spans` sorted ascending (each row's columns from its
+    first real item to the end) -> [(rows in group, window)], consecutive groups of the sorted rows,
+    at most `max_groups`, each window a multiple of `quantum` (or `length`) covering its rows' spans,
+    chosen to minimise the attention work sum(rows * window^2)."""
+    ladder = sorted({min(length, -(-s // quantum) * quantum) for s in spans})
+    counts = [0] * len(ladder)
+    j = 0
+    for s in spans:
+        while min(length, -(-s // quantum) * quantum) != ladder[j]:
+            j += 1
+        counts[j] += 1
+    # best[g][i]: least work covering the first i ladder steps with g groups, the last ending at step i - 1
+    inf = float("inf")
+    best = [[inf] * (len(ladder) + 1) for _ in range(max_groups + 1)]
+    cut = [[0] * (len(ladder) + 1) for _ in range(max_groups + 1)]
+    best[0][0] = 0.0
+    for g in range(1, max_groups + 1):
+        for i in range(1, len(ladder) + 1):
+            rows = 0
+            for k in range(i - 1, -1, -1):  # the group holds ladder steps k..i-1
+                rows += counts[k]
+                work = best[g - 1][k] + rows * ladder[i - 1] ** 2
+                if work < best[g][i]:
+                    best[g][i], cut[g][i] = work, k
+    g = min(range(1, max_groups + 1), key=lambda g: (best[g][len(ladder)], g))
+    groups, i = [], len(ladder)
+    while i:
+        k = cut[g][i]
+        groups.append((sum(counts[k:i]), ladder[i - 1]))
+        i, g = k, g - 1
+    return groups[::-1]
+
+
+@dataclass
+class Windows:
+    """Attention over the kept tokens in a few groups of rows, each group on the last `window`
+    columns that hold its rows' items, instead of the whole (batch, length) grid: a left-padded row
+    with s items needs only its last s columns (the others are padding keys the mask removes).
+
+    `order` lists the batch rows group by group; `slots` picks, for each (row, column) of every
+    group's window in that order, its token's index in the packed rows (R: a zero row for positions
+    that hold no token); `back[r]` is token r's slot (S, a zero row, for a token outside every window:
+    a padding position whose value nothing reads). A row without items (all its keys masked) has a
+    window of its last position alone, so its output does not depend on its batch neighbours."""
+
+    order: torch.Tensor
+    groups: list[tuple[int, int]]
+    slots: torch.Tensor
+    back: torch.Tensor
+
+    @staticmethod
+    def of(tokens: "Tokens", span: torch.Tensor) -> "Windows":
+        b, n, r = tokens.batch, tokens.length, len(tokens.rows)
+        span, order = span.sort(stable=True)
+        spans = span.tolist()
+        empty = spans.count(0)  # rows without items: their last position attends to itself alone
+        groups = ([(empty, 1)] if empty else []) + (window_plan(spans[empty:], n) if empty < b else [])
+        device = tokens.rows.device
+        packed = torch.full((b * n,), r, dtype=torch.long, device=device)
+        packed[tokens.rows] = torch.arange(r, device=device)
+        cells, start = [], 0
+        for rows, window in groups:
+            cols = torch.arange(n - window, n, device=device)
+            cells.append((order[start:start + rows].unsqueeze(1) * n + cols).reshape(-1))
+            start += rows
+        cells = torch.cat(cells)
+        slot = torch.full((b * n,), len(cells), dtype=torch.long, device=device)
+        slot[cells] = torch.arange(len(cells), device=device)
+        return Windows(order, groups, packed[cells], slot[tokens.rows])
+
+
 @dataclass
 class Tokens:
     """The positions of a (batch, length) grid that a model computes: every real item and each row's
     last position. `rows` are flat indices (row * length + column), ascending; `last[i]` is the
-    index into `rows` of row i's last position."""
+    index into `rows` of row i's last position; `span[i]` is row i's number of columns from its
+    first real item to the end (0 for a row without items)."""
 
     batch: int
     length: int
     rows: torch.Tensor
     last: torch.Tensor
+    span: torch.Tensor
+    _windows: Windows | None = None
 
     @staticmethod
     def of(input_ids: torch.Tensor, buckets: int = 32) -> "Tokens":
@@ -153,18 +228,26 @@ class Tokens:
         recurring token counts let the allocator reuse its blocks (counts that change with every
         batch fragment the heap until the process holds several times the memory it needs)."""
         keep = input_ids > 0
-        keep[:, -1] = True
         b, n = keep.shape
+        span = (n - keep.int().argmax(1)).masked_fill(~keep.any(1), 0)
+        keep[:, -1] = True
         flat = keep.view(-1)
         count, quantum = int(flat.sum()), max(1, b * n // buckets)
         extra = min(b * n, -(-count // quantum) * quantum) - count
         if extra:
             flat[(~flat).nonzero().squeeze(1)[:extra]] = True
-        return Tokens(b, n, flat.nonzero().squeeze(1), keep.sum(1).cumsum(0) - 1)
+        return Tokens(b, n, flat.nonzero().squeeze(1), keep.sum(1).cumsum(0) - 1, span)
 
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> the kept positions' rows, (R, d)."""
         return x.reshape(self.batch * self.length, -1).index_select(0, self.rows)
+
+    @property
+    def windows(self) -> Windows:
+        """The attention windows of these tokens (computed once, shared by every layer)."""
+        if self._windows is None:
+            self._windows = Windows.of(self, self.span)
+        return self._windows
 
 
 class MultiHeadAttention(nn.Module):
@@ -210,30 +293,43 @@ class MultiHeadAttention(nn.Module):
     def forward_packed(self, x: torch.Tensor, tokens: Tokens, mask: torch.Tensor, last: bool = False) -> torch.Tensor:
         """The same function on the kept tokens only: x (R, d) holds the hidden states of the grid
         positions `tokens.rows`. Positions left out are padding, whose keys the mask removes, so
-        they need no query, key, value or output. With `last`, the output of each row's last
+        they need no query, key, value or output; attention runs group by group on the columns that
+        hold the group's items (`Tokens.windows`). With `last`, the output of each row's last
         position only, (B, d). Q, K and V come from one matrix product."""
-        b, n, d = tokens.batch, tokens.length, x.shape[1]
+        d = x.shape[1]
         h, dh = self.heads, d // self.heads
+        win = tokens.windows
         names = ("key", "value") if last else ("query", "key", "value")
         mods = [getattr(self, name) for name in names]
         proj = F.linear(x, torch.cat([m.weight for m in mods]), torch.cat([m.bias for m in mods]))
-        grid = x.new_zeros(b * n, proj.shape[1]).index_copy(0, tokens.rows, proj)
-        parts = grid.view(b, n, len(mods), h, dh).permute(2, 0, 3, 1, 4)  # (qkv, B, heads, N, dh)
+        cells = F.pad(proj, (0, 0, 0, 1)).index_select(0, win.slots)  # every group's window, row-major
+        mask = mask.index_select(0, win.order) if mask.shape[0] > 1 else mask
         if last:
             xq = x.index_select(0, tokens.last)
-            q, (k, v) = self.query(xq).view(b, h, 1, dh), parts
-            mask = mask[:, :, -1:]
-        else:
-            q, k, v = parts
-        if self.training and self.attn_dropout > 0:
-            att = torch.softmax(q @ k.transpose(-1, -2) * dh ** -0.5 + mask, dim=-1)
-            out = dropout(att, self.attn_dropout, True) @ v
-        else:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        out = out.transpose(1, 2).reshape(-1, d)
+            q_all = self.query(xq.index_select(0, win.order))
+        outs, start, row = [], 0, 0
+        for rows, window in win.groups:
+            parts = cells[start:start + rows * window].view(rows, window, len(mods), h, dh).permute(2, 0, 3, 1, 4)
+            start += rows * window
+            m = mask[row:row + rows] if mask.shape[0] > 1 else mask
+            if last:
+                q, (k, v) = q_all[row:row + rows].view(rows, h, 1, dh), parts
+                m = m[:, :, -1:, -window:]
+            else:
+                (q, k, v), m = parts, m[:, :, -window:, -window:]
+            row += rows
+            if self.training and self.attn_dropout > 0:
+                att = torch.softmax(q @ k.transpose(-1, -2) * dh ** -0.5 + m, dim=-1)
+                out = dropout(att, self.attn_dropout, True) @ v
+            else:
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=m)
+            outs.append(out.transpose(1, 2).reshape(-1, d))
         if last:
-            return self.norm(xq + self.dropout(self.dense(out)))
-        return self.norm(x + self.dropout(self.dense(out.index_select(0, tokens.rows))))
+            unsort = torch.empty_like(win.order)
+            unsort[win.order] = torch.arange(len(win.order), device=unsort.device)
+            return self.norm(xq + self.dropout(self.dense(torch.cat(outs).index_select(0, unsort))))
+        out = torch.cat(outs + [x.new_zeros(1, d)]).index_select(0, win.back)
+        return self.norm(x + self.dropout(self.dense(out)))
 
 
 class TransformerBlock(nn.Module):
