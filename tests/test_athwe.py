@@ -18,6 +18,7 @@ from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models import create_model, resolved_model_args, unused_model_keys
 from athwe.models.athwe import ATHWE, WaveletAlign, fingerprint_text, tcl_mask, time_buckets
+from athwe.models.layers import attention_mask
 from athwe.runs import evaluate_run
 from athwe.training import trainer as tr
 from conftest import random_features, write_random_features, write_tiny_dataset
@@ -514,16 +515,60 @@ def test_bf16_autocast_chooses_the_experts_fp32_chooses():
     with torch.no_grad():
         model.moe.router.weight.mul_(1e-3)  # near-uniform: bf16 logits would tie and reorder the top 6
     model.eval()
-    seen: list[tuple[torch.Tensor, torch.Tensor]] = []
-    model.moe.register_forward_hook(lambda mod, args, out: seen.append((mod.route(args[1])[1], out[1])))
+    seen: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    model.moe.register_forward_hook(lambda mod, args, out: seen.append((mod.route(args[1])[1], out[1], args[2])))
     b = batch(n=50, lengths=[50, 40, 30, 20, 10, 5, 50, 45])
     with torch.no_grad():
         model(b.input_ids, b.timestamps)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             model(b.input_ids, b.timestamps)
-    (fp32, div32), (bf16, div16) = seen
-    valid = (b.input_ids > 0).reshape(-1)
+    (fp32, div32, valid), (bf16, div16, _) = seen  # the experts see the kept tokens; valid: the real items
+    assert int(valid.sum()) == int((b.input_ids > 0).sum())
     same = (fp32.sort(-1).values == bf16.sort(-1).values).all(-1)[valid].double().mean()
     assert same >= 0.99
     assert div16.dtype == torch.float32
     torch.testing.assert_close(div16, div32, rtol=0.05, atol=1e-3)
+
+
+def grid_reference(model: ATHWE, ids: torch.Tensor, ts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Steps 1-6 of specs/athwe.md on the whole (B, L) grid, padding positions included, with the
+    model's own modules (eval mode): the query vectors and the experts' diversity term."""
+    c, (b, n) = model.config, ids.shape
+    valid = ids > 0
+    tables = model.item_tables()
+    pos = model.position(torch.arange(model.max_seq_length - n, model.max_seq_length))
+    x = torch.stack([tables[m][ids] for m in model.modalities], 2) + pos.view(1, n, 1, -1)
+    x = x * valid.view(b, n, 1, 1)
+    if model.fusion is not None:
+        x = model.fusion(x)
+    tau = model.time_embedding(time_buckets(ts, valid, c.time_span, model.time_scale)) if c.moe else None
+    diversity = None
+    if c.moe:
+        flat = x.reshape(b * n, -1)
+        routing = F.relu(model.time_routing(tau)).reshape(b * n, -1) if c.time_routing else flat
+        out, diversity = model.moe(flat, routing, valid.reshape(-1))
+        x = out.view(x.shape)
+    mask = attention_mask(ids, causal=True)
+    reads = []
+    for i, m in enumerate(model.modalities):
+        z = model.norms[m](x[:, :, i])
+        for block in model.encoders[m]:
+            z = block(z, mask)
+        reads.append(z[:, -1])
+    w = torch.softmax(model.fusion_weights, 0) if model.fusion_weights is not None else torch.ones(1)
+    return torch.cat([w[i] * r for i, r in enumerate(reads)], -1), diversity
+
+
+@pytest.mark.parametrize("args", [{}, {"time_routing": False}, {"moe": False, "modalities": ["id", "image"]}],
+                         ids=["full", "content_routing", "no_moe"])
+def test_packed_forward_equals_the_whole_grid_computation(args):
+    """The model computes the experts and encoders on the kept tokens only and attention in
+    windows: every row with items gets the query vector of the computation over the whole grid."""
+    model = make({"num_layers": 2, **args}, n=24).eval()
+    b = batch(n=24, lengths=[1, 2, 3, 9, 17, 24, 24, 6])
+    with torch.no_grad():
+        out = model(b.input_ids, b.timestamps)
+        query, diversity = grid_reference(model, b.input_ids, b.timestamps)
+    torch.testing.assert_close(out.query, query, rtol=1e-5, atol=1e-5)
+    if diversity is not None:
+        torch.testing.assert_close(out.diversity, diversity, rtol=1e-5, atol=1e-6)

@@ -239,15 +239,46 @@ class WaveletAlign(nn.Module):
         rec = rec[:, :n] if rec.shape[-1] >= n else F.pad(rec, (0, n - rec.shape[-1]))
         return analysis.to(device, dtype), rec.contiguous().to(device, dtype), sizes
 
+    def window_operators(self, n: int, window: int, device: torch.device,
+                         dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, list[int]]:
+        """The operators of `operators` for inputs that are zero outside their last `window` of L
+        columns, whose output is read there only: analysis (window, T_w) and synthesis (T_w, window)
+        over the T_w coefficients whose filters reach those columns (every other coefficient is
+        exactly zero, and so is its gated band value), and their band sizes."""
+        key = (n, window, str(device), dtype)
+        if key not in self._operators:
+            analysis, synthesis, sizes = self.operators(n, device, dtype)
+            with torch.inference_mode(False), torch.no_grad():
+                live = analysis[n - window:].ne(0).any(0)
+                bands = [int(part.sum()) for part in live.split(sizes)]
+                self._operators[key] = (analysis[n - window:, live].contiguous(),
+                                        synthesis[live, n - window:].contiguous(), bands)
+        return self._operators[key]
+
+    def forward_windows(self, x: torch.Tensor, groups: list[tuple[int, int]], n: int) -> torch.Tensor:
+        """`forward` on windows of rows (layers.Windows): x (S, M, H) holds, group after group, the
+        last `window` columns of each of the group's `rows` rows of an (B, L) input that is zero
+        outside them; returns the same positions of `forward`'s output."""
+        out, start = [], 0
+        for rows, window in groups:
+            part = x[start:start + rows * window].view(rows, window, *x.shape[1:])
+            start += rows * window
+            out.append(self._align(part, *self.window_operators(n, window, x.device, x.dtype)).view(-1, *x.shape[1:]))
+        return torch.cat(out)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, L, M, H) -> same shape.
+        """x (B, L, M, H) -> same shape."""
+        return self._align(x, *self.operators(x.shape[1], x.device, x.dtype))
+
+    def _align(self, x: torch.Tensor, analysis: torch.Tensor, synthesis: torch.Tensor,
+               sizes: list[int]) -> torch.Tensor:
+        """x (B, L, M, H) -> same shape, through an analysis (L, T) and synthesis (T, L) pair.
 
         The coefficients are computed source-major, (M, T, B*H): each band of each source is then one
         contiguous (T_k*B, H) block, so a band's gates are one batched product over the sources, and
         the bands are taken apart with split (whose backward is one concatenation, where slicing
         would zero-fill a full-size gradient per slice)."""
         b, n, m, h = x.shape
-        analysis, synthesis, sizes = self.operators(n, x.device, x.dtype)
         coeffs = analysis.t() @ x.permute(2, 1, 0, 3).reshape(m, n, b * h)  # (source, T, B*H)
         # w[k] is (source, in, target*out): the gates of band k, one (H, M*H) matrix per source
         w = self.gates.permute(0, 2, 4, 1, 3).reshape(len(sizes), m, h, m * h)
@@ -553,10 +584,10 @@ class ATHWE(SequentialRecommender):
         return tables
 
     def _encode_stream(self, m: str, h: torch.Tensor, mask: torch.Tensor, tokens: Tokens) -> torch.Tensor:
-        """Modality m's encoder on (B, L, H) inputs: its output at each row's last position, (B, H).
-        Everything in it is per position except attention, where padding keys are masked, so only
-        the real items (and each row's last position) are computed."""
-        z = self.dropout(self.norms[m](tokens.gather(h)))
+        """Modality m's encoder on its inputs at the kept tokens, (R, H): its output at each row's
+        last position, (B, H). Everything in it is per position except attention, where padding keys
+        are masked, so only the real items (and each row's last position) are computed."""
+        z = self.dropout(self.norms[m](h))
         blocks = self.encoders[m]
         for i, block in enumerate(blocks):
             z = block.forward_packed(z, tokens, mask, last=i == len(blocks) - 1)
@@ -565,7 +596,11 @@ class ATHWE(SequentialRecommender):
     def forward(self, input_ids: torch.Tensor, timestamps: torch.Tensor, with_tcl: bool = False) -> ATHWEOutput:
         """Steps 1-6 of the module docstring on left-padded (B, L) ids and their timestamps (the last
         max_seq_length columns are used). With `with_tcl` (training) the text and image streams are
-        also encoded with floor(len * beta) random valid positions replaced by their time placeholder."""
+        also encoded with floor(len * beta) random valid positions replaced by their time placeholder.
+
+        The wavelets span the whole grid; from the experts on, every step is per position or
+        attention over real keys, so it runs on the kept tokens only (`Tokens`): the real items and
+        each row's last position."""
         c = self.config
         ids, ts = input_ids, timestamps
         if ids.shape[1] > self.max_seq_length:
@@ -573,40 +608,46 @@ class ATHWE(SequentialRecommender):
         b, n = ids.shape
         valid = ids > 0
         # 1. per-modality inputs plus the shared position embedding, zero at padding
+        # (computed at the cells of the attention windows: each row's columns from its first item on)
+        tokens = Tokens.of(ids)
+        win = tokens.windows
+        cell_ids = ids.view(-1).index_select(0, win.cells)
         tables = self.item_tables()
-        pos = self.position(torch.arange(self.max_seq_length - n, self.max_seq_length, device=ids.device))
-        x = torch.stack([lookup(tables[m], ids) for m in self.modalities], 2) + pos.view(1, n, 1, -1)
-        x = x * valid.view(b, n, 1, 1).to(x.dtype)  # (B, L, M, H), zero at padding
-        # 2. wavelet alignment across modalities
+        pos = self.position(win.cells % n + (self.max_seq_length - n))
+        x = torch.stack([lookup(tables[m], cell_ids) for m in self.modalities], 1) + pos.unsqueeze(1)
+        x = x * (cell_ids > 0).view(-1, 1, 1).to(x.dtype)  # (cells, M, H), zero at padding
+        # 2. wavelet alignment across modalities (the grid is zero outside the windows)
         if self.fusion is not None:
-            x = self.fusion(x)
+            x = self.fusion.forward_windows(x, win.groups, n)
+        flat = F.pad(x.reshape(len(x), -1), (0, 0, 0, 1)).index_select(0, win.back)  # (R, M*H) at the kept tokens
+        kept_valid = valid.view(-1).index_select(0, tokens.rows)
         # 3. gap-based time encoding
         tau = None
         if hasattr(self, "time_embedding"):
-            tau = self.time_embedding(time_buckets(ts, valid, c.time_span, self.time_scale))
+            buckets = time_buckets(ts, valid, c.time_span, self.time_scale)
+            tau = self.time_embedding(buckets.view(-1).index_select(0, tokens.rows))  # (R, H)
         # 4. shared + routed experts over the fused tokens
         diversity = None
         if c.moe:
-            flat = x.reshape(b * n, -1)
             if c.time_routing:  # float32 under autocast too, like the router it feeds
                 with torch.autocast(ids.device.type, enabled=False):
-                    routing = self.routing_dropout(F.relu(self.time_routing(tau.float()))).reshape(b * n, -1)
+                    routing = self.routing_dropout(F.relu(self.time_routing(tau.float())))
             else:
                 routing = flat
-            out, diversity = self.moe(flat, routing, valid.reshape(-1))
-            x = out.view(x.shape)
+            flat, diversity = self.moe(flat, routing, kept_valid)
+        x = flat.view(len(flat), len(self.modalities), -1)  # (R, M, H)
         # 5. per-modality encoders (and, for temporal contrast, the placeholder views), last position
         mask = attention_mask(ids, causal=True)
-        tokens = Tokens.of(ids)
-        placed = tcl_mask(valid, c.beta).unsqueeze(-1) if with_tcl and self.tcl_modalities else None
+        placed = None
+        if with_tcl and self.tcl_modalities:
+            placed = tcl_mask(valid, c.beta).view(-1).index_select(0, tokens.rows).unsqueeze(-1)
         seq: dict[str, torch.Tensor] = {}
         augmented: dict[str, torch.Tensor] = {}
         for i, m in enumerate(self.modalities):
-            h = x[:, :, i]
+            h = x[:, i]
             if placed is not None and m in self.placeholders:
                 aug = torch.where(placed, self.placeholders[m](tau), h)
-                pair = Tokens.of(ids.repeat(2, 1))
-                both = self._encode_stream(m, torch.cat([h, aug]), torch.cat([mask, mask]), pair)
+                both = self._encode_stream(m, torch.cat([h, aug]), torch.cat([mask, mask]), tokens.repeat(2))
                 seq[m], augmented[m] = both[:b], both[b:]
             else:
                 seq[m] = self._encode_stream(m, h, mask, tokens)

@@ -178,11 +178,13 @@ class Windows:
     `order` lists the batch rows group by group; `slots` picks, for each (row, column) of every
     group's window in that order, its token's index in the packed rows (R: a zero row for positions
     that hold no token); `back[r]` is token r's slot (S, a zero row, for a token outside every window:
-    a padding position whose value nothing reads). A row without items (all its keys masked) has a
+    a padding position whose value nothing reads); `cells` are the slots' flat grid indices
+    (row * length + column). A row without items (all its keys masked) has a
     window of its last position alone, so its output does not depend on its batch neighbours."""
 
     order: torch.Tensor
     groups: list[tuple[int, int]]
+    cells: torch.Tensor
     slots: torch.Tensor
     back: torch.Tensor
 
@@ -204,7 +206,7 @@ class Windows:
         cells = torch.cat(cells)
         slot = torch.full((b * n,), len(cells), dtype=torch.long, device=device)
         slot[cells] = torch.arange(len(cells), device=device)
-        return Windows(order, groups, packed[cells], slot[tokens.rows])
+        return Windows(order, groups, cells, packed[cells], slot[tokens.rows])
 
 
 @dataclass
@@ -241,6 +243,13 @@ class Tokens:
     def gather(self, x: torch.Tensor) -> torch.Tensor:
         """(B, N, d) -> the kept positions' rows, (R, d)."""
         return x.reshape(self.batch * self.length, -1).index_select(0, self.rows)
+
+    def repeat(self, times: int) -> "Tokens":
+        """The tokens of `times` stacked copies of the batch (rows of copy j after those of copy j - 1),
+        for packed inputs concatenated copy after copy."""
+        r, cells = len(self.rows), self.batch * self.length
+        return Tokens(self.batch * times, self.length, torch.cat([self.rows + j * cells for j in range(times)]),
+                      torch.cat([self.last + j * r for j in range(times)]), self.span.repeat(times))
 
     @property
     def windows(self) -> Windows:

@@ -144,8 +144,9 @@ class Trainer:
         self.model.prepare(split.train)
         for note in self.model.training_notes(split.train):
             printer(f"note: {note}")
-        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr,
-                                          weight_decay=cfg.train.weight_decay)
+        # the fused kernel updates every parameter in one pass (several times faster than the loop)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay,
+                                          fused=self.device.type in ("cpu", "cuda"))
         if self.world.rank > 0:  # the same initial weights everywhere; each process its own dropout draws
             seed_everything(_rank_seed(cfg.train.seed, self.world.rank))
         self.history = history_mode(cfg)
