@@ -54,7 +54,9 @@ torch.manual_seed(0)
 m = create_model(model, data.n_items, cfg.data.max_seq_length, cfg.model_args, cfg.train.loss, feats)
 m.prepare(split.train)
 m.train()
-opt = torch.optim.Adam(m.parameters(), lr=cfg.train.lr)
+make = getattr(tr, "adam", None)  # the tree's own optimizer where it names one
+opt = (make(m, cfg.train.lr, cfg.train.weight_decay, torch.device("cpu")) if make
+       else torch.optim.Adam(m.parameters(), lr=cfg.train.lr, weight_decay=cfg.train.weight_decay))
 bs = cfg.train.batch_size
 perm = torch.randperm(len(split.train), generator=torch.Generator().manual_seed(0))
 def step(i):

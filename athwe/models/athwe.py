@@ -509,6 +509,12 @@ class ATHWE(SequentialRecommender):
                 setattr(self, f"{m}_labels", labels.to(raw.device))
 
     @property
+    def uses_timestamps(self) -> bool:
+        """The query vectors depend on the gaps when the experts are routed by time (the temporal
+        contrast's placeholders read them in training only)."""
+        return bool(self.config.moe and self.config.time_routing)
+
+    @property
     def time_scale(self) -> float:
         """The gap scale of the time buckets in seconds: the configured one, or for "auto" the one
         resolved from the training data (`prepare`) or read from a checkpoint."""

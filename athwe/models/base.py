@@ -98,6 +98,11 @@ class SequentialRecommender(nn.Module):
         self.max_seq_length = max_seq_length
         self.loss_type = loss_type
 
+    @property
+    def uses_timestamps(self) -> bool:
+        """True when the query vectors depend on the input timestamps (so serving a history needs them)."""
+        return False
+
     def prepare(self, train: SampleSet) -> None:
         """Hook called once with the training samples before training (e.g. to precompute positives)."""
 
