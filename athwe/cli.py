@@ -341,30 +341,64 @@ def index(
     _guard(go)
 
 
+def _tokens_option(option: str, text: str) -> list[str]:
+    """A comma-separated list of tokens (--items, --exclude); an empty entry is an error."""
+    tokens = [t.strip() for t in text.split(",")]
+    empty = [i for i, t in enumerate(tokens, 1) if not t]
+    if empty:
+        raise AthweError(f"{option}: entry {empty[0]} is empty (give comma-separated item tokens, e.g. a,b,c)")
+    return tokens
+
+
+def _timestamps_option(text: str) -> list[float]:
+    """--timestamps: comma-separated unix times in seconds."""
+    out = []
+    for i, t in enumerate(text.split(","), 1):
+        try:
+            out.append(float(t))
+        except ValueError:
+            raise AthweError(f"--timestamps: entry {i} ({t.strip()!r}) is not a number (unix seconds)") from None
+    return out
+
+
 @app.command()
 def retrieve(
     user: Optional[str] = typer.Option(None, "--user", "-u", help="User token as in the dataset files."),
+    items: Optional[str] = typer.Option(
+        None, "--items", help="A history instead of a user: item tokens, oldest first, comma-separated (a,b,c)."),
+    timestamps: Optional[str] = typer.Option(
+        None, "--timestamps", help="With --items: unix seconds per item, comma-separated (required when the "
+                                   "model reads them, e.g. ATHWE with time-routed experts)."),
+    exclude: Optional[str] = typer.Option(None, "--exclude", help="Item tokens never to return, comma-separated."),
     k: int = typer.Option(10, "-k", "--top-k", help="How many items."),
     run: Optional[Path] = typer.Option(
         None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
     runs_dir: str = typer.Option("runs", "--runs-dir", help="Where to look for the latest run."),
     exclude_history: bool = typer.Option(
-        True, "--exclude-history/--include-history", help="Drop items the user already has."),
+        True, "--exclude-history/--include-history", help="Drop items the history already has."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
     all_users: bool = typer.Option(False, "--all-users", help="Top-k for every user, written to --out (JSON lines)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Output file for --all-users."),
     batch_size: int = typer.Option(1024, "--batch-size", help="Users per batch for --all-users."),
 ) -> None:
-    """Top-k items for a user from a run's index, with titles when the dataset has them."""
+    """Top-k items for a user or any history of items, from a run's index, with titles when the
+    dataset has them."""
     from athwe.retrieval import Retriever
     from athwe.runs import latest_run
 
     def go() -> None:
-        if all_users == (user is not None):
-            raise AthweError("pass exactly one of --user or --all-users")
+        if sum((all_users, user is not None, items is not None)) != 1:
+            raise AthweError("pass exactly one of --user, --items or --all-users")
+        if timestamps is not None and items is None:
+            raise AthweError("--timestamps goes with --items (a user's come from the dataset)")
+        if exclude is not None and all_users:
+            raise AthweError("--exclude goes with --user or --items")
         if k < 1:  # at most the catalogue's size: checked once the run is loaded
             raise AthweError(f"-k must be at least 1, got {k}")
         check_range("--batch-size", batch_size, 1, MAX_BATCH)
+        history = _tokens_option("--items", items) if items is not None else None
+        times = _timestamps_option(timestamps) if timestamps is not None else None
+        never = _tokens_option("--exclude", exclude) if exclude is not None else []
         if all_users:
             if out is None:
                 raise AthweError("--all-users needs --out FILE")
@@ -373,21 +407,74 @@ def retrieve(
             if any(p.exists() and not p.is_dir() for p in out.parents):
                 raise AthweError(f"{out}: a parent of --out is a file, not a directory")
         retriever = Retriever(run or latest_run(runs_dir))
-        n_items = retriever.data.n_items
-        if k > n_items:  # FAISS would allocate k results per user before finding there are not that many
-            raise AthweError(f"-k {k:,} is more than the {n_items:,} items of the catalogue")
         if all_users:
             n = retriever.write_all(out, k, exclude_history, batch_size)
             typer.echo(f"{out}: top-{k} for {n:,} users")
             return
-        recs = retriever.recommend(user, k, exclude_history)
+        recs = retriever.recommend(user, items=history, timestamps=times, k=k, exclude=never,
+                                   exclude_history=exclude_history)
         if as_json:
             typer.echo(json.dumps([r.__dict__ for r in recs], indent=2))
             return
-        typer.echo(f"top-{k} for user {user} ({retriever.run.name}, {retriever.meta['kind']} index, "
+        who = f"user {user}" if user is not None else f"a history of {len(history or [])} item(s)"
+        typer.echo(f"top-{k} for {who} ({retriever.run.name}, {retriever.meta['kind']} index, "
                    f"history {'excluded' if exclude_history else 'included'})")
         for r in recs:
             typer.echo(f"{r.rank:3d}  {r.item:>12s}  {r.score:9.4f}  {r.title or ''}")
+
+    _guard(go)
+
+
+items_app = typer.Typer(add_completion=False, help="Add items a run was not trained on, from their content (ATHWE).")
+app.add_typer(items_app, name="items")
+
+
+@items_app.command("add")
+def items_add(
+    file: Path = typer.Argument(..., help="JSON lines, one new item per line: item, title, categories, brand, "
+                                          "description, image (a path or an http(s) URL)."),
+    run: Path = typer.Option(..., "--run", help="Run folder of an ATHWE run with text or image features."),
+) -> None:
+    """Embed new items as the dataset's features were extracted and add them to a run's catalogue
+    (recorded in RUN/added_items/; the checkpoint, item map and index file stay as trained)."""
+    from athwe.retrieval import Retriever, new_items
+
+    def go() -> None:
+        retriever = Retriever(run)
+        reason = new_items.refusal(retriever.model, retriever.cfg.model)
+        if reason is not None:
+            raise AthweError(reason)
+        tokens = retriever.add_items(new_items.read_new_items(file))
+        ids = [retriever.token_index[t] for t in tokens]
+        span = f"id {ids[0]}" if len(ids) == 1 else f"ids {ids[0]}..{ids[-1]}"
+        info = retriever.info()
+        typer.echo(f"{run}: added {len(tokens):,} item(s), {span} (catalogue: {info['trained_items']:,} trained + "
+                   f"{info['added_items']:,} added)")
+        for tok, i in zip(tokens, ids):
+            typer.echo(f"{i:8d}  {tok}")
+
+    _guard(go)
+
+
+@items_app.command("list")
+def items_list(
+    run: Path = typer.Option(..., "--run", help="Run folder."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """The items added to a run from their content, in the order they were added."""
+    from athwe.retrieval import Retriever
+
+    def go() -> None:
+        retriever = Retriever(run)
+        rows = [retriever.item(tok) for tok in retriever.tokens[retriever.data.n_items + 1:]]
+        if as_json:
+            typer.echo(json.dumps(rows, indent=2))
+            return
+        if not rows:
+            typer.echo(f"{run}: no added items")
+            return
+        for r in rows:
+            typer.echo(f"{r['id']:8d}  {r['token']:>12s}  {r['title'] or ''}")
 
     _guard(go)
 

@@ -716,3 +716,39 @@ class ATHWE(SequentialRecommender):
         if out.diversity is not None and c.diversity_weight > 0:
             terms.append(c.diversity_weight * c.cosine_lambda * out.diversity)
         return main + sum(terms) if terms else main
+
+    # -- items added after training ----------------------------------------------------------
+    def append_items(self, id_rows: torch.Tensor | None, raw: dict[str, torch.Tensor],
+                     has: dict[str, torch.Tensor]) -> None:
+        """Extend the item tables in memory by n new items, ids n_items + 1 .. n_items + n in order,
+        so that item_tables(), item_vectors() and the inputs of forward() cover them: `id_rows`
+        (n, H) are their ID embedding rows (with the id modality), `raw[m]` (n, d_m) and `has[m]`
+        (n,) their raw features and has-masks for each modality in `projections` (a False mask
+        gives the learned missing vector, as for trained items). Their category and cluster-label
+        rows are empty (those feed training losses only). Every changed table is replaced, never
+        written in place; the rows are never saved (feature buffers are not persistent)."""
+        n = int(id_rows.shape[0]) if id_rows is not None else int(next(iter(has.values())).shape[0])
+        if ("id" in self.modalities) != (id_rows is not None) or set(raw) != set(self.projections) \
+                or set(has) != set(self.projections):
+            raise ValueError(f"append_items needs id rows iff the id modality is used, and raw features and masks "
+                             f"for exactly {sorted(self.projections)}")
+        with torch.no_grad():
+            if id_rows is not None:
+                w = self.item_embedding.weight
+                self.item_embedding.weight = nn.Parameter(torch.cat([w.detach(), id_rows.to(w.device, w.dtype)]),
+                                                          requires_grad=w.requires_grad)
+                self.item_embedding.num_embeddings = self.item_embedding.weight.shape[0]
+            for m in self.projections:
+                table, mask = getattr(self, f"{m}_raw"), getattr(self, f"{m}_has")
+                if raw[m].shape != (n, table.shape[1]) or has[m].shape != (n,):
+                    raise ValueError(f"append_items: {m} rows must be ({n}, {table.shape[1]}) with ({n},) masks")
+                setattr(self, f"{m}_raw", torch.cat([table, raw[m].to(table.device, table.dtype)]))
+                setattr(self, f"{m}_has", torch.cat([mask, has[m].to(mask.device, torch.bool)]))
+            if self.cat is not None:
+                self.cat = torch.cat([self.cat, self.cat.new_zeros(n, self.cat.shape[1])])
+                self.cat_has = torch.cat([self.cat_has, self.cat_has.new_zeros(n)])
+            for m in getattr(self, "cluster_heads", {}):
+                labels = getattr(self, f"{m}_labels")
+                if labels is not None:
+                    setattr(self, f"{m}_labels", torch.cat([labels, labels.new_full((n,), -1)]))
+        self.n_items += n

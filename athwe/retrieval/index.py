@@ -1,4 +1,4 @@
-"""Build, save, load and search FAISS inner-product indexes for a run.
+"""Build, save, load and search FAISS inner-product indexes for a run, and recommend from them.
 
 A model's scores are query_vectors @ item_vectors.T (the model contract), so an exact
 inner-product index over item_vectors returns exactly the model's full-scoring top-k. Approximate
@@ -7,14 +7,23 @@ never indexed; FAISS ids are internal item ids.
 
 Files in the run folder: ``index.faiss`` and ``index.json`` (kind, knobs, dimensions, the item-map
 fingerprint and a fingerprint of the checkpoint the vectors came from), both written atomically.
+
+`Retriever` answers for a known user or for any history of item tokens (with timestamps where the
+model reads them), many requests in one model pass and one index search. Items added from their
+content (new_items.py) join the in-memory index under ids after the trained ones; the index file
+stays the trained one.
 """
 from __future__ import annotations
 
 import json
+import math
+import numbers
+import tempfile
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -23,6 +32,8 @@ from athwe import runs
 from athwe.dataset.atomic import read_atomic
 from athwe.dataset.split import Batch
 from athwe.errors import AthweError
+from athwe.models.athwe import fingerprint_text
+from athwe.retrieval import new_items
 from athwe.utils import atomic_path, atomic_write_json, hash_file, read_json
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")
@@ -180,6 +191,13 @@ def load_run_index(run_dir: str | Path, item_fingerprint: str) -> tuple[Any, dic
     return index, meta
 
 
+def add_to_index(index: Any, vectors: np.ndarray, first_id: int) -> None:
+    """Add item vectors under ids first_id, first_id + 1, ... to an index built by `build_index`
+    (an IndexIDMap over a flat, HNSW or refined IVF-PQ index; all of them take new vectors)."""
+    x = np.ascontiguousarray(vectors, dtype=np.float32)
+    index.add_with_ids(x, np.arange(first_id, first_id + len(x), dtype=np.int64))
+
+
 @dataclass
 class Recommendation:
     rank: int
@@ -189,31 +207,91 @@ class Recommendation:
     score: float
 
 
+@dataclass
+class Request:
+    """One recommendation request: a known `user` (their whole known history), or `items`, a
+    history of item tokens oldest first, with `timestamps` (unix seconds, one per item) where the
+    model reads them. `exclude` items are never returned; `exclude_history` drops the history's."""
+
+    user: str | None = None
+    items: Sequence[str] | None = None
+    timestamps: Sequence[float] | None = None
+    k: int = 10
+    exclude: Sequence[str] = ()
+    exclude_history: bool = True
+
+
+@dataclass
+class _Query:
+    """A checked request: the history's item ids and timestamps (oldest first), how many items to
+    return, and the ids never to return."""
+
+    ids: np.ndarray
+    times: np.ndarray
+    k: int
+    drop: set[int]
+    user: int = -1
+
+
 class Retriever:
-    """Top-k recommendations for users of a run's dataset, through the run's index."""
+    """Top-k recommendations from a run, through its index: for a known user, or for any history of
+    item tokens (trained items and items added from their content). Model passes and additions are
+    serialised by a lock, so a server may call it from worker threads."""
 
     def __init__(self, run_dir: str | Path):
         self.run = Path(run_dir)
         self.model, self.data, self.cfg = runs.load_run_model(self.run)
         self.index, self.meta = load_run_index(self.run, self.data.item_fingerprint)
         self.user_index = {tok: i for i, tok in enumerate(self.data.user_tokens)}
-        self.titles = item_titles(Path(self.cfg.data.data_dir) / self.cfg.data.dataset, self.data.item_tokens)
+        self.dataset_dir = Path(self.cfg.data.data_dir) / self.cfg.data.dataset
+        self.titles, self.categories, self.item_columns = item_metadata(self.dataset_dir, self.data.item_tokens)
+        self.tokens = list(self.data.item_tokens)  # id -> token, trained items then added ones
+        self.token_index = {tok: i for i, tok in enumerate(self.tokens) if i > 0}
+        self.additions: list[dict[str, Any]] = []  # one summary per addition file, in order
+        self._lock = threading.Lock()  # model passes, index searches and table changes
+        self._add_lock = threading.Lock()  # one addition at a time (embedding included)
+        self._content: new_items.ContentEncoder | None = None
+        self._load_additions()
 
-    def user_batch(self, users: list[int]):
-        """Left-padded batches of each user's full known history (last N items)."""
-        n = self.cfg.data.max_seq_length
-        ids = torch.zeros(len(users), n, dtype=torch.long)
-        ts = torch.zeros(len(users), n, dtype=torch.float64)
-        for row, u in enumerate(users):
-            a, b = int(self.data.offsets[u]), int(self.data.offsets[u + 1])
-            seq, t = self.data.items[a:b][-n:], self.data.times[a:b][-n:]
-            ids[row, n - len(seq):] = seq
-            ts[row, n - len(seq):] = t
-        last = ts[:, -1]
-        return Batch(ids, ts, torch.zeros(len(users), dtype=torch.long), torch.tensor(users), last)
+    # -- what the run holds --------------------------------------------------------------------------
+    @property
+    def n_catalogue(self) -> int:
+        """Items that can be recommended: trained plus added."""
+        return len(self.tokens) - 1
 
-    def history(self, u: int) -> np.ndarray:
-        return self.data.items[int(self.data.offsets[u]):int(self.data.offsets[u + 1])].numpy()
+    def fingerprints(self) -> dict[str, str | None]:
+        """The item-map, checkpoint and feature fingerprints additions are recorded against."""
+        fp = getattr(self.model, "feature_fingerprint", None)
+        return {"item_fingerprint": self.data.item_fingerprint,
+                "checkpoint_fingerprint": self.meta["checkpoint_fingerprint"],
+                "feature_fingerprint": (fingerprint_text(fp) or None) if isinstance(fp, torch.Tensor) else None}
+
+    def info(self) -> dict[str, Any]:
+        """The run, model, catalogue and index being used."""
+        return {"run": str(self.run), "model": self.cfg.model, "dataset": self.cfg.data.dataset,
+                "trained_items": self.data.n_items, "added_items": self.n_catalogue - self.data.n_items,
+                "users": self.data.n_users, "max_seq_length": self.cfg.data.max_seq_length,
+                "uses_timestamps": bool(self.model.uses_timestamps),
+                "accepts_new_items": new_items.refusal(self.model, self.cfg.model) is None,
+                **self.fingerprints(), "index_kind": self.meta["kind"], "index_items": int(self.index.ntotal)}
+
+    def item(self, token: str) -> dict[str, Any]:
+        """One catalogue item: token, id, title, whether it was added, and its categories if known."""
+        i = self._item_id(token, "")
+        out: dict[str, Any] = {"token": token, "id": i, "title": self.titles.get(i), "added": i > self.data.n_items}
+        if self.categories.get(i):
+            out["categories"] = list(self.categories[i])
+        return out
+
+    def _item_id(self, token: Any, where: str) -> int:
+        if not isinstance(token, str):
+            raise AthweError(f"item tokens{where} must be strings, got {token!r}")
+        i = self.token_index.get(token)
+        if i is None:
+            added = self.n_catalogue - self.data.n_items
+            raise AthweError(f"unknown item {token!r}{where} (not one of the run's {self.data.n_items:,} trained"
+                             + (f" or {added:,} added" if added else "") + " items)")
+        return i
 
     def resolve_user(self, user: str) -> int:
         if user not in self.user_index:
@@ -222,28 +300,36 @@ class Retriever:
                              f"({self.data.n_users} users, e.g. {examples})")
         return self.user_index[user]
 
+    def history(self, u: int) -> np.ndarray:
+        return self.data.items[int(self.data.offsets[u]):int(self.data.offsets[u + 1])].numpy()
+
+    # -- recommendations -----------------------------------------------------------------------------
+    def recommend(self, user: str | None = None, *, items: Sequence[str] | None = None,
+                  timestamps: Sequence[float] | None = None, k: int = 10, exclude: Sequence[str] = (),
+                  exclude_history: bool = True) -> list[Recommendation]:
+        """Top-k for a known user (their whole known history) or for `items`, a history of item
+        tokens oldest first (see Request)."""
+        return self.recommend_batch([Request(user, items, timestamps, k, exclude, exclude_history)])[0]
+
+    def recommend_batch(self, requests: Sequence[Request]) -> list[list[Recommendation]]:
+        """Every request's top-k from one model pass and one index search; an invalid request is an
+        AthweError naming it (by position when there are several)."""
+        queries = []
+        for pos, req in enumerate(requests, 1):
+            try:
+                queries.append(self._check_request(req))
+            except AthweError as e:
+                raise (AthweError(f"request {pos}: {e}") if len(requests) > 1 else e) from None
+        return self._answer(queries)
+
     def search(self, users: list[int], k: int = 10, exclude_history: bool = True) -> list[list[Recommendation]]:
-        if k < 1:
-            raise AthweError(f"-k must be at least 1, got {k}")
-        device = next(self.model.parameters()).device
-        with torch.inference_mode():
-            q = self.model.query_vectors(self.user_batch(users).to(device)).float().cpu().numpy()
-        hist = [self.history(u) for u in users]
-        extra = max((len(np.unique(h)) for h in hist), default=0) if exclude_history else 0
-        scores, ids = search_index(self.index, np.ascontiguousarray(q), k + extra)
-        out = []
-        for row, u in enumerate(users):
-            seen = set(hist[row].tolist()) if exclude_history else set()
-            recs = []
-            for s, i in zip(scores[row], ids[row]):
-                if i < 1 or int(i) in seen:
-                    continue
-                recs.append(Recommendation(len(recs) + 1, int(i), self.data.item_tokens[i], self.titles.get(int(i)),
-                                           float(s)))
-                if len(recs) == k:
-                    break
-            out.append(recs)
-        return out
+        """Top-k for users given by their internal index (0..n_users-1)."""
+        self._check_k(k)
+        return self._answer([self._user_query(u, k, exclude_history) for u in users])
+
+    def user_batch(self, users: list[int]) -> Batch:
+        """Left-padded batches of each user's full known history (last N items)."""
+        return self._batch([self._user_query(u, 1, False) for u in users])
 
     def write_all(self, out: str | Path, k: int = 10, exclude_history: bool = True, batch_size: int = 1024) -> int:
         """Top-k for every user as JSON lines {user, items, scores}, written atomically."""
@@ -251,6 +337,7 @@ class Retriever:
 
         if batch_size < 1:
             raise AthweError(f"--batch-size must be at least 1, got {batch_size}")
+        self._check_k(k)
         with atomic_path(out) as tmp, open(tmp, "w", encoding="utf-8") as f:
             for start in tqdm(range(0, self.data.n_users, batch_size), desc="users", unit="batch", disable=None):
                 users = list(range(start, min(start + batch_size, self.data.n_users)))
@@ -259,23 +346,230 @@ class Retriever:
                                         "scores": [round(r.score, 6) for r in recs]}) + "\n")
         return self.data.n_users
 
-    def recommend(self, user: str, k: int = 10, exclude_history: bool = True) -> list[Recommendation]:
-        return self.search([self.resolve_user(user)], k, exclude_history)[0]
+    def _check_k(self, k: Any) -> None:
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)):
+            raise AthweError(f"-k must be a whole number, got {k!r}")
+        if k < 1:
+            raise AthweError(f"-k must be at least 1, got {k}")
+        if k > self.n_catalogue:
+            raise AthweError(f"-k {k:,} is more than the {self.n_catalogue:,} items of the catalogue")
+
+    def _user_query(self, u: int, k: int, exclude_history: bool) -> _Query:
+        a, b = int(self.data.offsets[u]), int(self.data.offsets[u + 1])
+        ids = self.data.items[a:b].numpy()
+        return _Query(ids, self.data.times[a:b].numpy(), int(k), set(ids.tolist()) if exclude_history else set(), u)
+
+    def _check_request(self, req: Request) -> _Query:
+        """A request's history, timestamps, k and exclusions, checked (one-line AthweErrors)."""
+        if (req.user is None) == (req.items is None):
+            raise AthweError("pass exactly one of user (a known user) or items (a history of item tokens)")
+        self._check_k(req.k)
+        if isinstance(req.exclude, str):
+            raise AthweError("exclude must be a list of item tokens, not one string")
+        drop = {self._item_id(tok, " in exclude") for tok in req.exclude}
+        if req.user is not None:
+            if req.timestamps is not None:
+                raise AthweError("timestamps go with items (a known user's come from the dataset)")
+            query = self._user_query(self.resolve_user(req.user), req.k, req.exclude_history)
+            query.drop |= drop
+            return query
+        if isinstance(req.items, str):
+            raise AthweError("items must be a list of item tokens (oldest first), not one string")
+        tokens = list(req.items)  # type: ignore[arg-type]
+        if not tokens:
+            raise AthweError("items is empty: pass at least one item token (oldest first)")
+        ids = np.array([self._item_id(tok, " in items") for tok in tokens], dtype=np.int64)
+        times = self._check_timestamps(req.timestamps, len(ids))
+        return _Query(ids, times, int(req.k), drop | (set(ids.tolist()) if req.exclude_history else set()))
+
+    def _check_timestamps(self, timestamps: Sequence[float] | None, n: int) -> np.ndarray:
+        """Unix seconds, one per item, finite and non-decreasing; zeros when absent and the model
+        does not read them."""
+        if timestamps is None:
+            if self.model.uses_timestamps:
+                raise AthweError(f"timestamps are required: this run's {self.cfg.model} model reads the time between "
+                                 f"items (pass one unix time in seconds per item, oldest first)")
+            return np.zeros(n, dtype=np.float64)
+        if isinstance(timestamps, (str, bytes)) or len(timestamps) != n:
+            got = ("one string" if isinstance(timestamps, (str, bytes))
+                   else f"{len(timestamps)} value{'s' * (len(timestamps) != 1)}")
+            raise AthweError(f"timestamps: {got} for {n} item{'s' * (n != 1)} (one unix time in seconds per item)")
+        for pos, t in enumerate(timestamps, 1):
+            if isinstance(t, bool) or not isinstance(t, numbers.Real):
+                raise AthweError(f"timestamps: value {pos} ({t!r}) is not a number")
+            if not math.isfinite(t):
+                raise AthweError(f"timestamps: value {pos} ({t!r}) is not a finite number")
+        times = np.asarray(timestamps, dtype=np.float64)
+        back = np.nonzero(np.diff(times) < 0)[0]
+        if len(back):
+            i = int(back[0])
+            raise AthweError(f"timestamps must not decrease (items oldest first): value {i + 2} ({times[i + 1]:g}) "
+                             f"is before value {i + 1} ({times[i]:g})")
+        return times
+
+    def _batch(self, queries: list[_Query]) -> Batch:
+        """The last max_seq_length items of each history, left-padded with id 0 and timestamp 0."""
+        n = self.cfg.data.max_seq_length
+        ids = torch.zeros(len(queries), n, dtype=torch.long)
+        ts = torch.zeros(len(queries), n, dtype=torch.float64)
+        for row, q in enumerate(queries):
+            seq, t = q.ids[-n:], q.times[-n:]
+            ids[row, n - len(seq):] = torch.from_numpy(np.ascontiguousarray(seq, dtype=np.int64))
+            ts[row, n - len(seq):] = torch.from_numpy(np.ascontiguousarray(t, dtype=np.float64))
+        return Batch(ids, ts, torch.zeros(len(queries), dtype=torch.long), torch.tensor([q.user for q in queries]),
+                     ts[:, -1])
+
+    def _answer(self, queries: list[_Query]) -> list[list[Recommendation]]:
+        """One model pass and one index search for all queries (k enlarged by the most items any of
+        them excludes), then each query's top k without its excluded items."""
+        if not queries:
+            return []
+        batch = self._batch(queries)
+        device = next(self.model.parameters()).device
+        with self._lock:
+            with torch.inference_mode():
+                q = self.model.query_vectors(batch.to(device)).float().cpu().numpy()
+            wanted = min(max(x.k + len(x.drop) for x in queries), int(self.index.ntotal))
+            scores, ids = search_index(self.index, np.ascontiguousarray(q), wanted)
+        out = []
+        for row, query in enumerate(queries):
+            recs: list[Recommendation] = []
+            for s, i in zip(scores[row], ids[row]):
+                i = int(i)
+                if i < 1 or i in query.drop:
+                    continue
+                recs.append(Recommendation(len(recs) + 1, i, self.tokens[i], self.titles.get(i), float(s)))
+                if len(recs) == query.k:
+                    break
+            out.append(recs)
+        return out
+
+    # -- new items ------------------------------------------------------------------------------------
+    def add_items(self, records: Sequence[Mapping[str, Any] | new_items.NewItem]) -> list[str]:
+        """Add items from their content (dicts with the fields `athwe data import` writes, or
+        NewItems from `new_items.read_new_items`): embedded as the dataset's features were, recorded
+        beside the run, and recommendable at once. Returns their tokens (ids follow the catalogue's)."""
+        reason = new_items.refusal(self.model, self.cfg.model)
+        if reason is not None:
+            raise AthweError(reason)
+        items = [r if isinstance(r, new_items.NewItem) else new_items.parse_record(r, f"record {pos}")
+                 for pos, r in enumerate(records, 1)]
+        with self._add_lock:
+            new_items.check_new_tokens(items, self.token_index, self.data.n_items)
+            new_items.check_local_images(items)
+            content = self._content_encoder()
+            inputs = content.plan(items, set(getattr(self.model, "missing", {})))
+            with tempfile.TemporaryDirectory(prefix="athwe-new-items-") as scratch:
+                raw = content.embed(items, inputs, Path(scratch))
+            id_rows = new_items.mean_id_rows(self.model, self.data.n_items, len(items))
+            self._commit(items, id_rows, raw)
+        return [it.token for it in items]
+
+    def _content_encoder(self) -> new_items.ContentEncoder:
+        if self._content is None:
+            mods = new_items.content_modalities(self.model)
+            dims = {m: int(getattr(self.model, f"{m}_raw").shape[1]) for m in mods}
+            device = next(self.model.parameters()).device
+            self._content = new_items.ContentEncoder(self.dataset_dir, mods, dims, self.item_columns, device)
+        return self._content
+
+    def _commit(self, items: list[new_items.NewItem], id_rows: torch.Tensor | None,
+                content: new_items.Content) -> None:
+        """Extend the model's tables, record the addition on disk, then index it; the model is put
+        back as it was if anything fails before the record is complete."""
+        fps = self.fingerprints()
+        with self._lock, new_items.run_lock(self.run):
+            on_disk = len(new_items.addition_files(self.run))
+            if on_disk != len(self.additions):
+                raise AthweError(f"{self.run}: items were added by another process since this run was loaded "
+                                 f"({on_disk} additions on disk, {len(self.additions)} loaded); load the run again")
+            new_items.check_new_tokens(items, self.token_index, self.data.n_items)
+            first = self.n_catalogue + 1
+            restore, saved = new_items.restore_point(self.model), None
+            try:
+                self.model.append_items(id_rows, content.raw, content.has)
+                vectors = self._vectors_from(first)
+                record = new_items.make_record(items, first, id_rows, content, torch.from_numpy(vectors), fps)
+                saved = new_items.save_record(self.run, record, len(self.additions) + 1)
+                new_items.write_listing(self.run, self.additions + [new_items.summary(record, saved)], fps)
+            except BaseException:
+                if saved is not None:
+                    saved.unlink(missing_ok=True)
+                restore()
+                raise
+            self._register(record, saved)
+            add_to_index(self.index, vectors, first)
+
+    def _vectors_from(self, first: int) -> np.ndarray:
+        with torch.inference_mode():
+            return self.model.item_vectors()[first:].float().cpu().numpy()
+
+    def _register(self, record: dict[str, Any], path: Path) -> None:
+        first = record["first_id"]
+        for j, tok in enumerate(record["tokens"]):
+            self.tokens.append(tok)
+            self.token_index[tok] = first + j
+            if record["titles"][j]:
+                self.titles[first + j] = record["titles"][j]
+            if record["categories"][j]:
+                self.categories[first + j] = list(record["categories"][j])
+        self.additions.append(new_items.summary(record, path))
+
+    def _load_additions(self) -> None:
+        """Recorded additions join the model's tables and the in-memory index (the file stays the
+        trained one); one made for another checkpoint or features, or damaged, is refused."""
+        loaded = new_items.load_records(self.run, self.fingerprints(), self.data.n_items)
+        if not loaded:
+            return
+        reason = new_items.refusal(self.model, self.cfg.model)
+        if reason is not None:
+            raise AthweError(f"{self.run / new_items.ADDED_DIR}: {reason}")
+        first = self.n_catalogue + 1
+        for path, rec in loaded:
+            try:
+                self.model.append_items(rec["id_rows"], rec["raw"], rec["has"])
+            except ValueError as e:
+                raise AthweError(f"{path}: does not fit the run's model ({e})") from None
+        vectors = self._vectors_from(first)
+        for path, rec in loaded:
+            at = rec["first_id"] - first
+            mine = vectors[at:at + len(rec["tokens"])]
+            if mine.shape != tuple(rec["vectors"].shape) or not np.allclose(mine, rec["vectors"].numpy(),
+                                                                            rtol=1e-3, atol=1e-4):
+                raise AthweError(f"{path}: its vectors differ from what the run's model computes from its features; "
+                                 f"move {path.parent} away and add the items again")
+        add_to_index(self.index, vectors, first)
+        for path, rec in loaded:
+            self._register(rec, path)
+
+
+def item_metadata(dataset_dir: Path, item_tokens: list[str]) -> tuple[dict[int, str], dict[int, list[str]],
+                                                                      dict[str, str]]:
+    """Item id -> title and id -> categories from `<name>.item` when the dataset has one (title /
+    movie_title / name, categories / category / genre columns), and its columns (name -> type,
+    the id column left out)."""
+    path = dataset_dir / f"{dataset_dir.name}.item"
+    if not path.is_file():
+        return {}, {}, {}
+    table = read_atomic(path)
+    icol = table.find("item_id", "item", "iid")
+    if icol is None:
+        return {}, {}, {}
+    columns = {c: table.types[c] for c in table.names if c != icol}
+    pos = {tok: i for i, tok in enumerate(item_tokens)}
+    titles: dict[int, str] = {}
+    categories: dict[int, list[str]] = {}
+    for key, out in ((table.find("title", "movie_title", "name"), titles),
+                     (table.find("categories", "category", "class", "genre", "genres"), categories)):
+        if key is None:
+            continue
+        for tok, value in zip(table.columns[icol], table.columns[key]):
+            if tok in pos and pos[tok] not in out:
+                words = [str(v) for v in value] if isinstance(value, (list, np.ndarray)) else [str(value)]
+                out[pos[tok]] = " ".join(words) if out is titles else [w for w in words if w]
+    return titles, categories, columns
 
 
 def item_titles(dataset_dir: Path, item_tokens: list[str]) -> dict[int, str]:
     """Item id -> title from `<name>.item` when the dataset has one (title / movie_title column)."""
-    path = dataset_dir / f"{dataset_dir.name}.item"
-    if not path.is_file():
-        return {}
-    table = read_atomic(path)
-    icol = table.find("item_id", "item", "iid")
-    tcol = table.find("title", "movie_title", "name")
-    if icol is None or tcol is None:
-        return {}
-    pos = {tok: i for i, tok in enumerate(item_tokens)}
-    out = {}
-    for tok, title in zip(table.columns[icol], table.columns[tcol]):
-        if tok in pos:
-            out[pos[tok]] = " ".join(title) if isinstance(title, list) else str(title)
-    return out
+    return item_metadata(dataset_dir, item_tokens)[0]
