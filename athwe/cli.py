@@ -659,6 +659,40 @@ def extract(
     _guard(go)
 
 
+@app.command()
+def serve(
+    run: Optional[Path] = typer.Option(
+        None, "--run", help="Run folder (default: the latest finished run in --runs-dir)."),
+    runs_dir: str = typer.Option("runs", "--runs-dir", help="Where to look for the latest run."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, "--port", help="TCP port (0: any free one)."),
+    max_batch: int = typer.Option(32, "--max-batch", help="Most /recommend requests answered by one model pass."),
+    max_wait_ms: float = typer.Option(
+        2.0, "--max-wait-ms", help="Longest wait for a batch to fill after its first request, in ms."),
+    batching: bool = typer.Option(
+        True, "--batching/--no-batching", help="Gather concurrent requests into batches (off: one pass each)."),
+    max_body_bytes: int = typer.Option(1_000_000, "--max-body-bytes", help="Largest request body accepted."),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", help="torch and FAISS threads of the model (default: the libraries' own)."),
+    log_level: str = typer.Option("info", "--log-level", help="critical, error, warning, info or debug."),
+) -> None:
+    """Serve a run's recommendations over HTTP (FastAPI; API docs at /docs) until Ctrl-C or SIGTERM."""
+    from athwe.runs import latest_run
+    from athwe.serving import serve as serve_run
+
+    def go() -> None:
+        if log_level not in ("critical", "error", "warning", "info", "debug"):
+            raise AthweError(f"--log-level must be one of critical, error, warning, info, debug; got {log_level!r}")
+        try:
+            serve_run(run or latest_run(runs_dir), host=host, port=port, max_batch=max_batch,
+                      max_wait_ms=max_wait_ms, batching=batching, log_level=log_level,
+                      max_body_bytes=max_body_bytes, threads=threads)
+        except KeyboardInterrupt:  # Ctrl-C while the run loads, before the server handles the signals
+            raise typer.Exit(code=130)
+
+    _guard(go)
+
+
 def main() -> None:  # pragma: no cover
     from athwe.utils import keep_freed_memory
 
