@@ -152,9 +152,10 @@ def _one_line_warnings(show: Callable[..., None]) -> Callable[..., None]:
     return showwarning
 
 
-def _guard(fn: Callable[[], Any]) -> Any:
+def _guard(fn: Callable[[], Any], interrupted: str = "interrupted; `athwe train --resume RUN_DIR` continues from "
+                                                      "the last finished epoch") -> Any:
     """Turn user-facing errors into one line on stderr and exit code 2 (and athwe's warnings into
-    one line each)."""
+    one line each); Ctrl-C prints `interrupted` and exits with 130."""
     show = warnings.showwarning
     warnings.showwarning = _one_line_warnings(show)
     try:
@@ -166,7 +167,7 @@ def _guard(fn: Callable[[], Any]) -> Any:
     except OSError as e:  # an output path that is a directory, a parent that is a file, no permission...
         _fail(f"{e.filename}: {e.strerror or e}" if e.filename else f"{type(e).__name__}: {e}")
     except KeyboardInterrupt:
-        typer.echo("interrupted; `athwe train --resume RUN_DIR` continues from the last finished epoch", err=True)
+        typer.echo(interrupted, err=True)
         raise typer.Exit(code=130)
     finally:
         warnings.showwarning = show
@@ -691,6 +692,45 @@ def serve(
             raise typer.Exit(code=130)
 
     _guard(go)
+
+
+
+@app.command()
+def tune(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Model name (see `athwe models`)."),
+    dataset: Optional[str] = typer.Option(
+        None, "--dataset", "-d", help="Dataset folder name under --data-dir. Default: the bundled demo."),
+    space: Optional[Path] = typer.Option(
+        None, "--space", help="Search space YAML. Default: the model's athwe/configs/spaces/<model>.yaml."),
+    trials: int = typer.Option(20, "--trials", help="Finished (complete or pruned) trials to reach, earlier "
+                                                     "sessions included."),
+    timeout: Optional[float] = typer.Option(
+        None, "--timeout", help="Seconds after which no new trial starts (the one under way finishes)."),
+    study: Optional[Path] = typer.Option(
+        None, "--study", help="Study folder (default: studies/<model>-<dataset>-<time>)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the study in --study (after a kill too)."),
+    set_: List[str] = typer.Option(
+        [], "--set", help="Override for every trial, e.g. --set train.batch_size=512 (repeatable)."),
+    data_dir: Optional[str] = typer.Option(None, "--data-dir", help="Root holding <dataset>/ folders."),
+    epochs_cap: Optional[int] = typer.Option(
+        None, "--epochs-cap", help="At most this many epochs per trial (best.yaml keeps the full budget)."),
+    sampler_seed: int = typer.Option(0, "--sampler-seed", help="Seed of the TPE sampler."),
+) -> None:
+    """Search a model's hyper-parameters on validation (Optuna TPE, median pruning); resumable."""
+    from athwe import tuning
+
+    def go() -> None:
+        flags = {"data.data_dir": data_dir}
+        res = tuning.run_study(model, dataset, space, trials=trials, timeout=timeout, study_dir=study, resume=resume,
+                        overrides=set_, flags=flags if data_dir else {}, epochs_cap=epochs_cap, seed=sampler_seed,
+                        printer=typer.echo)
+        if res["best_trial"] is None:
+            typer.echo(f"no trial completed yet; see {Path(res['study']) / tuning.TRIALS_MD}")
+            return
+        typer.echo(f"best: trial {res['best_trial']}, valid {res['best_value']:.4f}; {res['best_yaml']} "
+                   f"(athwe train --config {res['best_yaml']}); all trials: {Path(res['study']) / tuning.TRIALS_MD}")
+
+    _guard(go, "interrupted; `athwe tune --study DIR --resume` continues the study")
 
 
 def main() -> None:  # pragma: no cover

@@ -53,6 +53,7 @@ class TrainConfig:
     num_threads: int = 0  # 0 = the CPUs other processes leave free when the run starts
     precision: str = "fp32"  # fp32 | bf16 (training steps under bfloat16 autocast; evaluation stays fp32)
     runs_dir: str = "runs"
+    tensorboard: bool = True  # TensorBoard event files in the run folder (`tensorboard --logdir runs`)
 
 
 @dataclass

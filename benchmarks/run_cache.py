@@ -36,7 +36,8 @@ from athwe.models import resolved_model_args, unused_model_keys
 from athwe.utils import atomic_write_json, hash_file
 
 #: (section, key) pairs that do not change what a run computes
-IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir")]
+IGNORED = [("train", "num_threads"), ("train", "device"), ("train", "runs_dir"), ("data", "data_dir"),
+           ("train", "tensorboard")]  # where and how a run is logged, not what it computes
 #: (section, key, value) settings added after runs were recorded: a saved config without one was
 #: trained with this value
 ADDED = [("train", "precision", "fp32")]

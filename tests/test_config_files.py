@@ -66,7 +66,9 @@ def test_packaged_yamls_found_through_importlib_resources(monkeypatch):
     monkeypatch.delenv("ATHWE_CONFIG_DIR", raising=False)
     found = packaged_yamls()
     on_disk = {p.relative_to(PACKAGE).as_posix() for p in (PACKAGE / "configs").rglob("*.yaml")}
-    assert set(found) == on_disk
+    spaces = {rel for rel in on_disk if rel.startswith("configs/spaces/")}  # search spaces: not config layers
+    assert set(found) == on_disk - spaces
+    assert spaces == {f"configs/spaces/{m}.yaml" for m in list_models()}  # athwe tune has a space per model
     assert {f"configs/{m}.yaml" for m in list_models()} <= set(found)  # every registered model has one
     assert f"configs/datasets/{DataConfig.dataset}.yaml" in found
     assert str(config_dir()) == str(resources.files("athwe") / "configs")

@@ -1,8 +1,10 @@
 """The trainer: Adam, CE or BCE, early stopping, best-checkpoint test, exact resume.
 
 It writes its run folder through athwe.runs (config, item map, metrics, checkpoints, results) and
-ends by building the run's retrieval index from the trained model's item vectors. Under torchrun
-several processes train one run data-parallel (athwe.training.distributed).
+TensorBoard event files beside them, and ends by building the run's retrieval index from the trained
+model's item vectors. An `on_epoch` callback sees each epoch's record and may end training early
+(StopTraining: a hyper-parameter study pruning a trial). Under torchrun several processes train one
+run data-parallel (athwe.training.distributed).
 """
 from __future__ import annotations
 
@@ -34,6 +36,8 @@ from athwe.utils import (busy_cpus_elsewhere, keep_freed_memory, oversubscriptio
                          seed_everything)
 
 Printer = Callable[[str], None]
+#: called after each epoch's validation with (epoch, the epoch's metrics.jsonl record)
+EpochCallback = Callable[[int, dict[str, Any]], None]
 #: seconds between progress lines inside an epoch when stderr is not a terminal
 PROGRESS_SECONDS = 30.0
 
@@ -74,6 +78,12 @@ def sample_negatives(batch: Batch, n_items: int, rounds: int = 20) -> torch.Tens
             break
         neg[bad] = torch.randint(1, n_items + 1, (int(bad.sum()),))
     return neg
+
+
+class StopTraining(Exception):
+    """Raised by an on_epoch callback to end training after the current epoch: the run finishes as it
+    stands (best checkpoint so far, test metrics, index) with status "pruned" in results.json, the
+    exception's message as the reason."""
 
 
 def _quiet(line: str) -> None:
@@ -117,8 +127,10 @@ class Trainer:
     """Trains one model on one split; every state needed for an exact resume lives in last.pt."""
 
     def __init__(self, cfg: RunConfig, run_dir: Path, data: SequenceData, split: Split,
-                 printer: Printer = print, progress: bool = True):
+                 printer: Printer = print, progress: bool = True, on_epoch: EpochCallback | None = None):
         self.cfg, self.run_dir, self.data, self.split = cfg, run_dir, data, split
+        self.on_epoch = on_epoch
+        self.tb: Any = None  # the run's TensorBoard SummaryWriter while fit() runs (rank 0)
         # under torchrun: this process's rank and device (cuda:LOCAL_RANK); rank 0 alone prints and writes
         self.world, self.device = distributed.setup(resolve_device(cfg.train.device))
         self.print = printer if self.world.main else _quiet
@@ -266,9 +278,60 @@ class Trainer:
             return metrics
         return metrics_from_ranks(distributed.all_sum(ranks), KS)  # every process's users: exact metrics
 
+    # -- TensorBoard and the epoch callback ---------------------------------------------------------
+    def open_tensorboard(self) -> Any:
+        """The run's SummaryWriter (rank 0, train.tensorboard on), else None. A resumed run continues the
+        same event stream: purge_step drops whatever the interrupted process logged after last.pt."""
+        if not (self.cfg.train.tensorboard and self.world.main):
+            return None
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise ConfigError("train.tensorboard: the tensorboard package is not installed; install it or "
+                              "set train.tensorboard false") from None
+        return SummaryWriter(str(self.run_dir), purge_step=self.epoch + 1 if self.epoch else None)
+
+    def log_epoch(self, loss: float, seconds: float, valid: dict[str, float]) -> None:
+        """One epoch's scalars at step = epoch: loss, learning rate, speed, every validation metric."""
+        if self.tb is None:
+            return
+        step = self.epoch
+        self.tb.add_scalar("train/loss", loss, step)
+        self.tb.add_scalar("train/lr", self.optimizer.param_groups[0]["lr"], step)
+        self.tb.add_scalar("train/samples_per_s", len(self.split.train) / seconds, step)
+        self.tb.add_scalar("train/epoch_seconds", seconds, step)
+        for k, v in valid.items():
+            self.tb.add_scalar(f"valid/{k}", v, step)
+        self.tb.flush()
+
+    def epoch_hook(self, record: dict[str, Any]) -> str | None:
+        """Call on_epoch (rank 0) with the epoch's record; the reason it gave when it raised
+        StopTraining, else None. Under torchrun every process learns rank 0's answer."""
+        if self.on_epoch is None:
+            return None
+        reason = None
+        if self.world.main:
+            try:
+                self.on_epoch(self.epoch, dict(record))
+            except StopTraining as e:
+                reason = str(e) or "stopped by the on_epoch callback"
+        if self.world.active:
+            reason = distributed.broadcast(reason)
+        return reason
+
     def fit(self, stop_after: int | None = None) -> dict[str, Any]:
-        """Train until early stopping or the epoch limit; `stop_after` ends this call after that many
-        epochs (used to test resume), leaving last.pt to continue from."""
+        """Train until early stopping, the epoch limit or on_epoch's StopTraining; `stop_after` ends this
+        call after that many epochs (used to test resume), leaving last.pt to continue from. The
+        TensorBoard writer is closed on every way out, errors included."""
+        self.tb = self.open_tensorboard()
+        try:
+            return self._fit(stop_after)
+        finally:
+            if self.tb is not None:
+                self.tb.close()
+                self.tb = None
+
+    def _fit(self, stop_after: int | None) -> dict[str, Any]:
         cfg = self.cfg.train
         metric = cfg.valid_metric
         done_now = 0
@@ -295,6 +358,7 @@ class Trainer:
                       "samples_per_s": round(len(self.split.train) / dt, 1), "num_threads": torch.get_num_threads(),
                       **({"processes": self.world.size} if self.world.active else {}),
                       **{f"valid_{k}": round(v, 6) for k, v in valid.items()}}
+            self.log_epoch(loss, dt, valid)  # before last.pt: a resume purges what comes after its epoch
             state = self.state()  # every process takes part (under torchrun it gathers their RNG states)
             if main:
                 runs.append_metrics(self.run_dir, record)
@@ -303,12 +367,18 @@ class Trainer:
                 distributed.barrier()  # the checkpoints are written before any process reads them
             self.print(f"epoch {self.epoch:3d}  loss {loss:.4f}  valid {metric} {valid[metric]:.4f}"
                        f"{'  *' if improved else ''}  ({dt:.1f}s, {record['samples_per_s']:.0f} samples/s)")
+            stopped = self.epoch_hook(record)
+            if stopped is not None:
+                self.print(f"stopped after epoch {self.epoch}: {stopped}")
+                return self.finish(stopped)
             done_now += 1
             if stop_after is not None and done_now >= stop_after and self.epoch < cfg.epochs:
                 return {}
         return self.finish()
 
-    def finish(self) -> dict[str, Any]:
+    def finish(self, stopped: str | None = None) -> dict[str, Any]:
+        """Test the best checkpoint and write results.json (status "finished", or "pruned" with the
+        reason when on_epoch stopped the run: its test metrics are those of the best epoch so far)."""
         best = self.run_dir / runs.BEST
         if best.is_file():
             runs.load_weights(self.model, runs.load_checkpoint(best, self.device), best)
@@ -316,6 +386,8 @@ class Trainer:
         test = self.evaluate(self.split.test)
         results = {
             "header": runs.results_header(self.cfg),
+            "status": "pruned" if stopped is not None else "finished",
+            **({"stopped": stopped} if stopped is not None else {}),
             "best_epoch": self.best_epoch,
             "epochs_run": self.epoch,
             "train_seconds": round(self.train_seconds, 2),
@@ -327,6 +399,10 @@ class Trainer:
         }
         if not self.world.main:
             return results
+        if self.tb is not None:  # the best checkpoint's test metrics, at its epoch
+            for k, v in test.items():
+                self.tb.add_scalar(f"test/{k}", v, self.best_epoch)
+            self.tb.flush()
         runs.write_results(self.run_dir, results)
         self.print(runs.format_results(results["header"], test))
         if self.build_index:  # from the best weights, which the model holds now
@@ -336,8 +412,9 @@ class Trainer:
 
 
 def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = print, progress: bool = True,
-          stop_after: int | None = None) -> tuple[Path, dict[str, Any]]:
+          stop_after: int | None = None, on_epoch: EpochCallback | None = None) -> tuple[Path, dict[str, Any]]:
     """Train a model from a resolved config into a new run folder; returns (run_dir, results).
+    `on_epoch(epoch, record)` runs after each validation (rank 0) and may raise StopTraining.
     Under torchrun every process calls it; rank 0 creates the folder and prints."""
     check_run_config(cfg)  # model settings included: wrong ones fail before the data is read
     world, _ = distributed.setup(resolve_device(cfg.train.device))
@@ -367,7 +444,7 @@ def train(cfg: RunConfig, run_dir: str | Path | None = None, printer: Printer = 
             fresh = run
         run.mkdir(parents=True, exist_ok=True)
     try:
-        trainer = Trainer(cfg, run, data, split, printer, progress)
+        trainer = Trainer(cfg, run, data, split, printer, progress, on_epoch)
     except BaseException:
         if fresh is not None:  # a model that cannot be built (missing features, bad model_args) leaves no folder
             shutil.rmtree(fresh, ignore_errors=True)
@@ -398,7 +475,8 @@ def _outermost_missing(path: Path) -> Path | None:
 
 
 def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
-           stop_after: int | None = None, num_threads: int | None = None) -> dict[str, Any]:
+           stop_after: int | None = None, num_threads: int | None = None,
+           on_epoch: EpochCallback | None = None) -> dict[str, Any]:
     """Continue an interrupted run from its last.pt; ends as the uninterrupted run would.
     `num_threads` (> 0) replaces the run's train.num_threads for the rest of it: a setting of the
     machine, not of the model, kept out of config.yaml; each epoch's record says what it ran on."""
@@ -419,7 +497,7 @@ def resume(run_dir: str | Path, printer: Printer = print, progress: bool = True,
     if not world.main:  # rank 0 first prepares what is missing (the demo, its features)
         distributed.broadcast(None)
     data, split = load_data(cfg)
-    trainer = Trainer(cfg, run, data, split, printer, progress)
+    trainer = Trainer(cfg, run, data, split, printer, progress, on_epoch)
     if world.main and world.active:
         distributed.broadcast(None)
     ckpt = runs.load_checkpoint(last)
