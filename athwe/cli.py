@@ -435,13 +435,16 @@ def items_add(
     file: Path = typer.Argument(..., help="JSON lines, one new item per line: item, title, categories, brand, "
                                           "description, image (a path or an http(s) URL)."),
     run: Path = typer.Option(..., "--run", help="Run folder of an ATHWE run with text or image features."),
+    id_part: str = typer.Option(
+        "content", "--id-part", help="The new items' ID part: content (predicted from their content by a ridge "
+                                     "map fitted on the trained items) or mean (the mean trained ID embedding)."),
 ) -> None:
     """Embed new items as the dataset's features were extracted and add them to a run's catalogue
     (recorded in RUN/added_items/; the checkpoint, item map and index file stay as trained)."""
     from athwe.retrieval import Retriever, new_items
 
     def go() -> None:
-        retriever = Retriever(run)
+        retriever = Retriever(run, id_part=id_part)
         reason = new_items.refusal(retriever.model, retriever.cfg.model)
         if reason is not None:
             raise AthweError(reason)

@@ -17,6 +17,10 @@ class FeatureError(AthweError):
     """Item features are missing, incomplete, misaligned, or a feature model cannot be loaded."""
 
 
+class UnknownTokenError(AthweError):
+    """A user or item token that the run does not know (a server answers it with 404)."""
+
+
 def brief(e: BaseException) -> str:
     """The first sentence of an exception's message (its type name when it has none), for the
     one-line errors that wrap a library's multi-line exception."""

@@ -160,7 +160,7 @@ def test_cli_adds_items_with_the_vectors_computed_by_hand(run, trained, tiny_ber
                  {"item": "new-shoe", "title": "running  shoes", "categories": "Apparel > Shoes", "brand": "globex"},
                  "",
                  {"item": "new-pic", "image": f"{image_server}/i1.png"})
-    res = invoke("items", "add", "--run", str(run), str(file))
+    res = invoke("items", "add", "--run", str(run), str(file), "--id-part", "mean")
     assert res.exit_code == 0, res.output
     assert "added 3 item(s), ids 51..53 (catalogue: 50 trained + 3 added)" in res.stdout
     files = sorted(p.name for p in (run / "added_items").iterdir())
@@ -168,7 +168,7 @@ def test_cli_adds_items_with_the_vectors_computed_by_hand(run, trained, tiny_ber
     assert json.loads((run / "added_items" / "index.json").read_text())["additions"][0]["tokens"] == [
         "new-lamp", "new-shoe", "new-pic"]
 
-    r = Retriever(run)  # a restarted retriever sees them
+    r = Retriever(run)  # a restarted retriever sees them (ID part: the mean trained ID embedding)
     assert (r.info()["added_items"], r.info()["index_items"]) == (3, 53)
     assert r.item("new-lamp") == {"token": "new-lamp", "id": 51, "title": "red lamp", "added": True,
                                   "categories": ["Home", "Lamps"]}
@@ -210,12 +210,12 @@ def test_cli_adds_items_with_the_vectors_computed_by_hand(run, trained, tiny_ber
 
 def test_added_items_win_when_their_vectors_do(run, monkeypatch):
     """In-process additions are recommendable at once: an item whose ID row points along the
-    query's ID part (instead of the mean) comes first, with the score its vector gives."""
+    query's ID part comes first, with the score its vector gives."""
     r = Retriever(run)
     q = query(r, HISTORY, TIMES)
     h = r.model.config.hidden_size
     boost = 100.0 * q[:h] / q[:h].dot(q[:h])
-    monkeypatch.setattr(new_items, "mean_id_rows", lambda model, n_trained, n: boost.expand(n, -1).clone())
+    monkeypatch.setattr(new_items, "content_id_rows", lambda model, n_trained, raw, has: boost.expand(1, -1).clone())
     assert r.add_items([{"item": "winner", "title": "copper pan", "brand": "acme"}]) == ["winner"]
     recs = r.recommend(items=HISTORY, timestamps=TIMES, k=3)
     with torch.inference_mode():
@@ -348,3 +348,30 @@ def test_items_need_the_recorded_models_and_missing_vectors(run, tiny_bert):
     with pytest.raises(AthweError, match="record 1: item 'n1' has no text .* no learned missing-text vector"):
         content.plan([item], has_missing={"image"})
     assert r.add_items([{"item": "n1", "title": "red lamp"}]) == ["n1"]
+
+
+def test_content_id_rows_recover_a_linear_map_and_are_the_default(run):
+    """The ID part predicted from content: when the trained items' ID embeddings are an exact linear
+    function of their content, the ridge map (shrinkage by cross-validation) gives a new item nearly
+    that function of its content; it is the ID part `add_items` uses by default."""
+    r = Retriever(run)
+    m = r.model
+    x = new_items.content_matrix(m, slice(1, 51))
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(x.shape[1], m.config.hidden_size, generator=g, dtype=torch.float64) * 0.1
+    with torch.no_grad():
+        m.item_embedding.weight[1:51] = (x @ w).float()
+    raw = {k: getattr(m, f"{k}_raw")[3:5].clone() for k in new_items.content_modalities(m)}
+    has = {k: getattr(m, f"{k}_has")[3:5].clone() for k in raw}
+    rows = new_items.content_id_rows(m, 50, raw, has)
+    target = (new_items.content_matrix(m, slice(None), raw, has) @ w).float()
+    assert float((rows - target).norm() / target.norm()) < 0.05
+    assert r.id_part == "content"
+    r.add_items([{"item": "like-i3", "title": "x"}])
+    with torch.no_grad():
+        added = m.item_embedding.weight[51]
+        expect = new_items.content_id_rows(m, 50, {k: getattr(m, f"{k}_raw")[51:52] for k in raw},
+                                           {k: getattr(m, f"{k}_has")[51:52] for k in raw})[0]
+    torch.testing.assert_close(added, expect)
+    with pytest.raises(AthweError, match="--id-part must be one of content, mean"):
+        Retriever(run, id_part="zero")

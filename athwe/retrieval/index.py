@@ -31,12 +31,14 @@ import torch
 from athwe import runs
 from athwe.dataset.atomic import read_atomic
 from athwe.dataset.split import Batch
-from athwe.errors import AthweError
+from athwe.errors import AthweError, UnknownTokenError
 from athwe.models.athwe import fingerprint_text
 from athwe.retrieval import new_items
 from athwe.utils import atomic_path, atomic_write_json, hash_file, read_json
 
 INDEX_KINDS = ("auto", "flat", "hnsw", "ivfpq")
+#: how new items get the ID part of their vectors (Retriever(id_part=...))
+ID_PARTS = ("content", "mean")
 #: up to this many items `auto` picks the exact index, above it IVF-PQ with exact re-ranking
 #: (benchmarks/README.md, retrieval: where exact search stops paying off)
 EXACT_MAX_ITEMS = 100_000
@@ -238,7 +240,12 @@ class Retriever:
     item tokens (trained items and items added from their content). Model passes and additions are
     serialised by a lock, so a server may call it from worker threads."""
 
-    def __init__(self, run_dir: str | Path):
+    def __init__(self, run_dir: str | Path, id_part: str = "content"):
+        """`id_part`: how new items added here get their ID rows, "content" (predicted from their
+        content, new_items.content_id_rows) or "mean" (the mean trained ID embedding)."""
+        if id_part not in ID_PARTS:
+            raise AthweError(f"--id-part must be one of {', '.join(ID_PARTS)}, got {id_part!r}")
+        self.id_part = id_part
         self.run = Path(run_dir)
         self.model, self.data, self.cfg = runs.load_run_model(self.run)
         self.index, self.meta = load_run_index(self.run, self.data.item_fingerprint)
@@ -289,14 +296,14 @@ class Retriever:
         i = self.token_index.get(token)
         if i is None:
             added = self.n_catalogue - self.data.n_items
-            raise AthweError(f"unknown item {token!r}{where} (not one of the run's {self.data.n_items:,} trained"
-                             + (f" or {added:,} added" if added else "") + " items)")
+            known = f"{self.data.n_items:,} trained" + (f" or {added:,} added" if added else "")
+            raise UnknownTokenError(f"unknown item {token!r}{where} (not one of the run's {known} items)")
         return i
 
     def resolve_user(self, user: str) -> int:
         if user not in self.user_index:
             examples = ", ".join(self.data.user_tokens[:3])
-            raise AthweError(f"unknown user {user!r} in dataset {self.cfg.data.dataset} "
+            raise UnknownTokenError(f"unknown user {user!r} in dataset {self.cfg.data.dataset} "
                              f"({self.data.n_users} users, e.g. {examples})")
         return self.user_index[user]
 
@@ -319,7 +326,7 @@ class Retriever:
             try:
                 queries.append(self._check_request(req))
             except AthweError as e:
-                raise (AthweError(f"request {pos}: {e}") if len(requests) > 1 else e) from None
+                raise (type(e)(f"request {pos}: {e}") if len(requests) > 1 else e) from None
         return self._answer(queries)
 
     def search(self, users: list[int], k: int = 10, exclude_history: bool = True) -> list[list[Recommendation]]:
@@ -461,7 +468,9 @@ class Retriever:
             inputs = content.plan(items, set(getattr(self.model, "missing", {})))
             with tempfile.TemporaryDirectory(prefix="athwe-new-items-") as scratch:
                 raw = content.embed(items, inputs, Path(scratch))
-            id_rows = new_items.mean_id_rows(self.model, self.data.n_items, len(items))
+            n = self.data.n_items
+            id_rows = (new_items.content_id_rows(self.model, n, raw.raw, raw.has) if self.id_part == "content"
+                       else new_items.mean_id_rows(self.model, n, len(items)))
             self._commit(items, id_rows, raw)
         return [it.token for it in items]
 

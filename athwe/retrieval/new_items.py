@@ -4,9 +4,12 @@ A new item gets the vector ATHWE's `item_tables()` would give it had it been in 
 the features were extracted: its text and image are embedded with exactly the settings the
 dataset's `features/manifest.json` records (model, weights, pooling, max length, text fields or
 template) and go through the model's own projections, with the learned missing vector where it
-has no text or no image, as for trained items. Its ID part is the mean of the trained items' ID
-embeddings: ATHWE learns no "missing" ID vector, and the mean is the neutral point of that table,
-so on the ID part a new item scores like an average item and its content decides the rest.
+has no text or no image, as for trained items. ATHWE learns no "missing" ID vector, so a new
+item's ID part is predicted from its content (`content_id_rows`): a ridge regression from the
+trained items' raw content features to their learned ID embeddings, its shrinkage chosen by 5-fold
+cross-validation on the trained items alone. (The mean trained ID embedding, the neutral
+alternative, leaves every new item scoring like an average item on the ID part, and on the demo
+none reaches a top 10: benchmarks/results/cold_start_demo.md.)
 Models whose item vectors are learned ID embeddings only (every model but ATHWE, and ATHWE with
 modalities [id]) cannot take new items: an item without interactions has no such embedding.
 
@@ -558,6 +561,68 @@ def restore_point(model: torch.nn.Module) -> Callable[[], None]:
             emb.num_embeddings = weight.shape[0]
         model.n_items = n_items
     return restore
+
+
+#: ridge shrinkage grid, relative to the mean eigenvalue of the centred content Gram matrix
+RIDGE_GRID = (1e-3, 1e-2, 1e-1, 1.0, 10.0)
+RIDGE_FOLDS = 5
+
+
+def content_matrix(model: Any, rows: slice | torch.Tensor, raw: dict[str, torch.Tensor] | None = None,
+                   has: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+    """Items' content as one float64 matrix: each content modality's raw features (zero where the
+    item lacks it) and a 0/1 column saying whether it has them. From the model's buffers, or from
+    `raw`/`has` (new items)."""
+    parts = []
+    for m in content_modalities(model):
+        x = (getattr(model, f"{m}_raw")[rows] if raw is None else raw[m]).double()
+        h = (getattr(model, f"{m}_has")[rows] if has is None else has[m]).double().unsqueeze(1)
+        parts += [x * h, h]
+    return torch.cat(parts, 1)
+
+
+def _ridge(x: torch.Tensor, y: torch.Tensor, lam: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(weights, x mean, y mean) of the ridge regression y ~ (x - x mean) W + y mean."""
+    mx, my = x.mean(0), y.mean(0)
+    a = x - mx
+    eye = torch.eye(a.shape[1], dtype=a.dtype, device=a.device)
+    return torch.linalg.solve(a.T @ a + lam * eye, a.T @ (y - my)), mx, my
+
+
+def ridge_shrinkage(x: torch.Tensor, y: torch.Tensor, seed: int = 0) -> float:
+    """The RIDGE_GRID shrinkage (scaled to x) with the least cross-validated squared error."""
+    a = x - x.mean(0)
+    scale = float((a * a).sum()) / max(a.shape[1], 1) / max(len(a), 1) * len(a)
+    folds = torch.randperm(len(x), generator=torch.Generator().manual_seed(seed)) % RIDGE_FOLDS
+    best, best_err = RIDGE_GRID[0] * scale, float("inf")
+    for rel in RIDGE_GRID:
+        err = 0.0
+        for f in range(RIDGE_FOLDS):
+            fit, out = folds != f, folds == f
+            if not bool(out.any()) or int(fit.sum()) < 2:
+                continue
+            w, mx, my = _ridge(x[fit], y[fit], rel * scale)
+            err += float((((x[out] - mx) @ w + my - y[out]) ** 2).sum())
+        if err < best_err:
+            best, best_err = rel * scale, err
+    return best
+
+
+def content_id_rows(model: Any, n_trained: int, raw: dict[str, torch.Tensor],
+                    has: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The ID rows of new items predicted from their content: a ridge regression from the trained
+    items' content (rows 1..n_trained) to their learned ID embeddings, shrinkage by cross-validation
+    over the trained items. None for a model without the id modality."""
+    if "id" not in getattr(model, "modalities", []):
+        return None
+    with torch.no_grad():
+        table = model.item_embedding.weight
+        x = content_matrix(model, slice(1, n_trained + 1))
+        y = table[1:n_trained + 1].double()
+        w, mx, my = _ridge(x, y, ridge_shrinkage(x, y))
+        new = content_matrix(model, slice(None), {m: t.to(x.device) for m, t in raw.items()},
+                             {m: t.to(x.device) for m, t in has.items()})
+        return ((new - mx) @ w + my).to(table.dtype)
 
 
 def mean_id_rows(model: Any, n_trained: int, n: int) -> torch.Tensor | None:

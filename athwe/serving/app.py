@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import signal
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -36,7 +35,7 @@ from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from athwe.errors import AthweError, brief
+from athwe.errors import AthweError, UnknownTokenError, brief
 from athwe.retrieval.index import Request, Retriever
 
 logger = logging.getLogger("athwe.serving")
@@ -48,7 +47,6 @@ MAX_NEW_ITEMS = 1000
 #: seconds uvicorn waits for requests in flight after SIGINT/SIGTERM before closing connections
 GRACEFUL_SHUTDOWN_S = 10.0
 #: AthweError messages that mean "no such user/item" (answered 404, every other one 400)
-_UNKNOWN = re.compile(r"^(request \d+: )?unknown (user|item) ")
 
 Token = Annotated[str, StringConstraints(min_length=1, max_length=200)]
 Text = Annotated[str, StringConstraints(max_length=100_000)]
@@ -316,7 +314,7 @@ def validation_error(exc: RequestValidationError) -> tuple[int, str]:
 
 
 def athwe_error_status(e: AthweError) -> int:
-    return 404 if _UNKNOWN.match(str(e)) else 400
+    return 404 if isinstance(e, UnknownTokenError) else 400
 
 
 def _error(status: int, message: str) -> JSONResponse:
