@@ -20,7 +20,7 @@ import pytest
 import torch
 from fastapi.testclient import TestClient
 
-from athwe.errors import AthweError
+from athwe.errors import AthweError, UnknownTokenError
 from athwe.retrieval.index import Recommendation, Request
 from athwe.serving import Batcher, create_app
 
@@ -48,7 +48,7 @@ class FakeRetriever:
             if r.user == "mute":  # one answer short: that request fails, and none waits for ever
                 return out
             if r.user is not None and not r.user.startswith("u"):
-                raise AthweError(f"unknown user {r.user!r} in dataset fake")
+                raise UnknownTokenError(f"unknown user {r.user!r} in dataset fake")
             # the score tells which request this answer belongs to
             score = float(r.user[1:]) if r.user else float(len(r.items))
             out.append([Recommendation(i + 1, i + 1, f"i{i + 1}", None, score) for i in range(r.k)])
@@ -61,7 +61,7 @@ class FakeRetriever:
 
     def item(self, token: str) -> dict:
         if token not in self.catalogue:
-            raise AthweError(f"unknown item {token!r}")
+            raise UnknownTokenError(f"unknown item {token!r}")
         return self.catalogue[token]
 
     def info(self) -> dict:
