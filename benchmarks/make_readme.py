@@ -126,6 +126,10 @@ SECTIONS: tuple[Section, ...] = (
             Entry("athwe_demo_time_routing_packed", "Demo, time routing on and off, encoders on the real items",
                   "The same comparison after the per-modality encoders were changed to compute only the "
                   "real items (same function, other dropout draws), three seeds: quality and peak memory."),
+            Entry("athwe_demo_time_routing_windows", "Demo, time routing on and off, windowed attention",
+                  "The same comparison after attention, the experts and the wavelet alignment were changed to "
+                  "run on the real items only (attention in windows of the columns that hold them; same "
+                  "function, other dropout draws), three seeds: quality and peak memory."),
             Entry("athwe_demo_time_scale_auto", "Demo, automatic time scale",
                   "`model_args.time_scale=auto` against the reference time scale (the ATHWE row of the "
                   "time-routing table, same seeds)."),
@@ -138,8 +142,12 @@ SECTIONS: tuple[Section, ...] = (
         "side by side in one process carry over between machines better than absolute rates.",
         (
             Entry("train_speed", "Training throughput against an older commit",
-                  "Every model's training samples/s on the demo, this tree against an older commit in "
-                  "alternating windows, and beside a single-threaded busy loop with the default threads."),
+                  "Every model's training samples/s on the demo (and ATHWE on ml-100k), this tree against an "
+                  "older commit in alternating windows at one thread, and beside a single-threaded busy loop "
+                  "with the default threads."),
+            Entry("train_speed_default_threads", "ATHWE training throughput with the default threads",
+                  "The same comparison for ATHWE on the demo with each tree's default thread count on an idle "
+                  "2-core machine."),
             Entry("model_speed", "Training step of every model",
                   "Steps/s of every model on LastFM batches, with plain re-implementations in the "
                   "reference code's style timed in alternating windows (ref-style rows)."),
@@ -156,6 +164,21 @@ SECTIONS: tuple[Section, ...] = (
             Entry("extract_speed", "Feature extraction",
                   "Text embedding batched against one item per pass, a sanity check of the features, and "
                   "image-tower throughput."),
+        ),
+    ),
+    Section(
+        "serving", "Serving a trained run",
+        "Recommendations from a trained run beyond its own users: items that had no interactions when "
+        "it was trained, added from their content (`athwe items add`).",
+        (
+            Entry("cold_start_demo", "Cold start on the demo",
+                  "10% of the items held out of training with all their interactions, added to the trained "
+                  "ATHWE run from their content, and ranked for the test users whose target is one of "
+                  "them: against random and popularity rankings and a model trained with them."),
+            Entry("serve_load", "`athwe serve` under load",
+                  "1, 4 and 16 concurrent loopback clients for 30 s each against SASRec and ATHWE demo runs "
+                  "and a 1M-item IVF-PQ catalogue, with request batching on and off: requests/s, latency "
+                  "percentiles, errors and server memory."),
         ),
     ),
     Section(
@@ -191,6 +214,9 @@ SCRIPTS = """\
 | `extract_speed.py` | text and image feature extraction throughput, and a check of the text features |
 | `distributed_speed.py` | one process with several threads against torchrun processes |
 | `retrieval_speed.py` | exact, HNSW and IVF-PQ indexes: build time, memory, latency, recall |
+| `cold_start.py` | items held out of training, added to an ATHWE run from their content, ranked for their users |
+| `serve_load.py` | `athwe serve` under 1, 4 and 16 concurrent clients: requests/s, latency percentiles, memory |
+| `leaderboard.py` | every model tuned on one `athwe tune` budget, retrained with three seeds, paired against ATHWE |
 | `make_readme.py` | this index |
 
 The training benchmarks write their run folders under `benchmarks/runs/` (not kept in git: each
