@@ -389,9 +389,10 @@ def test_uvicorn_process_without_batching_stops_on_sigterm(real_runs):
 def test_serve_reports_a_port_in_use(real_runs):
     from athwe.serving import serve
 
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)  # SIGINT is ignored under nohup
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         s.listen()
         with pytest.raises(AthweError, match=r"cannot serve on 127.0.0.1:\d+"):
             serve(real_runs["sasrec"], port=s.getsockname()[1], log_level="critical")
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handlers put back
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # handlers put back
