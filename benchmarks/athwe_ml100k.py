@@ -34,7 +34,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from paired import Stored, compare_rows, load_stored, save_stored, test_ranks  # noqa: E402
-from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
+from run_cache import (run_main, CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
                        epoch_printer, exit_with_parent, finished_run, load_avg, read_table, record_of, seeds_cell,
                        speed_cell, threads_cell, train_or_reuse, training_command)
 from athwe.utils import atomic_write_json, atomic_write_text  # noqa: E402
@@ -432,10 +432,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from athwe.errors import AthweError
-
-    try:
-        main()
-    except AthweError as e:  # bad data or config: one line, no traceback (exit code 2)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main(main)

@@ -49,7 +49,7 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from run_cache import command_line, epoch_printer, load_avg, record_of, train_or_reuse, training_command  # noqa: E402
+from run_cache import command_line, run_main, epoch_printer, load_avg, record_of, train_or_reuse, training_command  # noqa: E402
 from athwe.utils import atomic_write_json, atomic_write_text  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -607,10 +607,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    from athwe.errors import AthweError
-
-    try:
-        main()
-    except AthweError as e:  # bad data or config: one line, no traceback (exit code 2)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main(main)

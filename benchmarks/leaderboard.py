@@ -36,7 +36,7 @@ from typing import Any, Callable
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from athwe_ml100k import ROOT, ensure_features, keep_ranks, mean_std, shared_seed_runs, writable_data_dir  # noqa: E402
 from paired import Stored, compare_rows, load_stored  # noqa: E402
-from run_cache import (command_line, epoch_printer, finished_run, record_of, result_key, train_or_reuse,  # noqa: E402
+from run_cache import (run_main, command_line, epoch_printer, finished_run, record_of, result_key, train_or_reuse,  # noqa: E402
                        training_command)
 
 from athwe.errors import AthweError  # noqa: E402
@@ -415,8 +415,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    try:
-        main()
-    except AthweError as e:  # bad data or config: one line, no traceback (exit code 2)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main(main)

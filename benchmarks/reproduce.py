@@ -15,7 +15,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from published import ROW_NOTES, comparisons  # noqa: E402
 
-from run_cache import (CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
+from run_cache import (run_main, CARRIED_NOTE, add_reuse_args, carried_record, command_line, earlier_records,  # noqa: E402
                        epoch_printer, finished_run, read_table, record_of, seeds_cell, speed_cell, train_or_reuse,
                        training_command)
 
@@ -134,10 +134,4 @@ def write(out: str, command: str, rows: list[dict], report_only: bool = False) -
 
 
 if __name__ == "__main__":
-    from athwe.errors import AthweError
-
-    try:
-        main()
-    except AthweError as e:  # bad data or config: one line, no traceback (exit code 2)
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(2) from None
+    run_main(main)

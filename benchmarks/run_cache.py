@@ -396,3 +396,15 @@ def command_line(command: str, report_only: bool) -> str:
     """A result table's "Command:" line."""
     return f"Command: `{command}`" + (" (this table: its finished runs, read back with --report-only)"
                                       if report_only else "")
+
+
+def run_main(main: Callable[[], Any]) -> None:
+    """A benchmark's entry point: athwe's errors (bad data or config) as one line on stderr and exit
+    code 2, no traceback."""
+    from athwe.errors import AthweError
+
+    try:
+        main()
+    except AthweError as e:
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None

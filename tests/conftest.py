@@ -106,3 +106,35 @@ def train_dies_in_epoch(monkeypatch, epoch: int) -> Callable[[], None]:
 
     monkeypatch.setattr(tr.Trainer, "train_epoch", dying)
     return lambda: monkeypatch.setattr(tr.Trainer, "train_epoch", original)
+
+
+def poison_loss_from_epoch(monkeypatch, epoch: int) -> None:
+    """Make every training loss NaN from `epoch` on (counted from 1 as the trainer counts)."""
+    import torch
+
+    from athwe.training import trainer as tr
+
+    original = tr.Trainer.train_epoch
+
+    def poisoned(self):
+        if self.epoch == epoch - 1:
+            monkeypatch.setattr(self.model, "loss", lambda batch: torch.tensor(float("nan"), requires_grad=True))
+        return original(self)
+
+    monkeypatch.setattr(tr.Trainer, "train_epoch", poisoned)
+
+
+@pytest.fixture(scope="module")
+def tiny_bert(tmp_path_factory) -> Path:
+    """A tiny real BERT saved to disk (tiny_models.make_tiny_bert), one per test module."""
+    from tiny_models import make_tiny_bert
+
+    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
+
+
+@pytest.fixture(scope="module")
+def tiny_clip(tmp_path_factory) -> Path:
+    """A tiny real open_clip ViT checkpoint (tiny_models.make_tiny_clip), one per test module."""
+    from tiny_models import make_tiny_clip
+
+    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))

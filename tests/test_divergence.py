@@ -14,6 +14,7 @@ from athwe.dataset.split import SampleSet
 from athwe.errors import AthweError
 from athwe.evaluation.metrics import MISS_RANK, evaluate
 from athwe.training import trainer as tr
+from conftest import poison_loss_from_epoch
 from test_train import tiny_cfg
 
 
@@ -64,14 +65,7 @@ def test_diverging_run_from_the_cli_keeps_its_best_checkpoint(tiny_data_dir, tmp
     tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=2), run_dir=run, printer=lambda s: None,
              progress=False)
     (run / "results.json").unlink()
-    original = tr.Trainer.train_epoch
-
-    def poisoned(self):
-        if self.epoch == 2:
-            monkeypatch.setattr(self.model, "loss", lambda batch: torch.tensor(float("nan"), requires_grad=True))
-        return original(self)
-
-    monkeypatch.setattr(tr.Trainer, "train_epoch", poisoned)
+    poison_loss_from_epoch(monkeypatch, 3)
     cfg = runs.load_run_config(run)
     cfg.train.epochs = 4
     (run / "config.yaml").write_text(json.dumps(runs.saved_config(cfg)))

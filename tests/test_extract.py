@@ -27,7 +27,7 @@ from athwe.feature_extraction.image import ImageEncoder  # noqa: E402
 from athwe.feature_extraction.items import build_item_texts, clean_field, read_item_table  # noqa: E402
 from athwe.feature_extraction.text import TextEncoder, packaged_minilm_dir  # noqa: E402
 from conftest import write_tiny_dataset  # noqa: E402
-from tiny_models import TINY_CLIP, WORDS, make_tiny_bert, make_tiny_clip  # noqa: E402
+from tiny_models import TINY_CLIP, WORDS, write_png  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -41,21 +41,6 @@ def _offline_hub(monkeypatch):
     monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
 
 
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-
-
-def _png(path: Path, seed: int) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)).save(path)
 
 
 def make_dataset(root: Path, name: str = "tiny", n_items: int = 12) -> Path:
@@ -83,7 +68,7 @@ def make_dataset(root: Path, name: str = "tiny", n_items: int = 12) -> Path:
         if tok == CORRUPT:
             (d / "images" / f"{tok}.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
             continue
-        _png(d / "images" / f"{tok}.png", k)
+        write_png(d / "images" / f"{tok}.png", k)
     return root
 
 
@@ -173,7 +158,7 @@ def test_fingerprint_follows_what_produced_the_features_not_their_last_bits(data
     item.write_text(item.read_text().replace("copper pan", "steel pan"))
     assert fingerprint() != base
     png = next((data_root / "tiny" / "images").glob("*.png"))
-    _png(png, seed=99)
+    write_png(png, seed=99)
     changed = fingerprint()
     item.write_text(item.read_text().replace("steel pan", "copper pan"))
     assert fingerprint() not in (base, changed)

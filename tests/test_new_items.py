@@ -33,35 +33,11 @@ from athwe.training import trainer as tr  # noqa: E402
 from conftest import write_tiny_dataset  # noqa: E402
 from test_models_common import small_config  # noqa: E402
 from test_serving_core import assert_top_k, model_scores  # noqa: E402
-from tiny_models import TINY_CLIP, WORDS, make_tiny_bert, make_tiny_clip  # noqa: E402
+from tiny_models import TINY_CLIP, WORDS, write_png  # noqa: E402
 
 torch.set_num_threads(1)
 HISTORY = ["i3", "i4", "i6", "i9"]
 TIMES = [1.6e9, 1.6e9 + 3_600, 1.6e9 + 90_000, 1.6e9 + 400_000]
-
-
-@pytest.fixture(autouse=True)
-def _offline_hub(monkeypatch):
-    import huggingface_hub.constants as hc
-
-    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
-
-
-@pytest.fixture(scope="module")
-def tiny_bert(tmp_path_factory) -> Path:
-    return make_tiny_bert(tmp_path_factory.mktemp("tiny-bert"))
-
-
-@pytest.fixture(scope="module")
-def tiny_clip(tmp_path_factory) -> Path:
-    return make_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
-
-
-def _png(path: Path, seed: int) -> None:
-    from PIL import Image
-
-    rng = np.random.default_rng(seed)
-    Image.fromarray(rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)).save(path)
 
 
 def _train(root: Path, data: Path, model: str, *extra: str) -> Path:
@@ -71,6 +47,13 @@ def _train(root: Path, data: Path, model: str, *extra: str) -> Path:
         "train.runs_dir": str(root / "runs")})
     run, _ = tr.train(cfg, run_dir=root / f"run-{model}-{len(extra)}", printer=lambda s: None, progress=False)
     return run
+
+
+@pytest.fixture(autouse=True)
+def _offline_hub(monkeypatch):
+    import huggingface_hub.constants as hc
+
+    monkeypatch.setattr(hc, "HF_HUB_OFFLINE", True)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +76,7 @@ def trained(tmp_path_factory, tiny_bert, tiny_clip) -> dict[str, Path]:
             brand = ["acme", "globex", "initech"][k % 3]
             lines.append(f"i{k}\t{WORDS[k % 10]} {WORDS[(3 * k) % 17]}\t{cats}\t{brand}")
             if k % 5 != 3:
-                _png(d / "images" / f"i{k}.png", k)
+                write_png(d / "images" / f"i{k}.png", k)
         (d / "tiny.item").write_text("\n".join(lines) + "\n")
         ex.extract_features("tiny", data, text_model=str(tiny_bert), image=True, image_model=TINY_CLIP,
                             pretrained=str(tiny_clip), batch_size=16, progress=False)

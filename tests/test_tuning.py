@@ -28,7 +28,7 @@ from athwe.models import create_model, get_entry, list_models
 from athwe.training import trainer as tr
 from athwe.tuning import (DB, Param, apply_settings, check_space, load_space, run_study, sample, space_path,
                           study_lock, with_available_features)
-from conftest import random_features
+from conftest import poison_loss_from_epoch, random_features
 from test_train import tiny_cfg
 
 torch.set_num_threads(1)
@@ -227,14 +227,7 @@ def test_tensorboard_off_and_closed_on_divergence(tiny_data_dir, tmp_path, monke
     closed = []
     close = SummaryWriter.close
     monkeypatch.setattr(SummaryWriter, "close", lambda self: (closed.append(self.log_dir), close(self)))
-    original = tr.Trainer.train_epoch
-
-    def poisoned(self):
-        if self.epoch == 1:
-            monkeypatch.setattr(self.model, "loss", lambda batch: torch.tensor(float("nan"), requires_grad=True))
-        return original(self)
-
-    monkeypatch.setattr(tr.Trainer, "train_epoch", poisoned)
+    poison_loss_from_epoch(monkeypatch, 2)
     with pytest.raises(AthweError, match="training diverged in epoch 2"):
         tr.train(tiny_cfg(tiny_data_dir, tmp_path / "runs", epochs=3), run_dir=tmp_path / "run", **QUIET)
     assert closed == [str(tmp_path / "run")]

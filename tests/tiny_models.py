@@ -45,3 +45,12 @@ def make_tiny_clip(d: Path) -> Path:
     ckpt = d / "tiny_clip.pt"
     torch.save(model.state_dict(), ckpt)
     return ckpt
+
+
+def write_png(path: Path, seed: int) -> None:
+    """A small random RGB image (48 x 40) saved as PNG."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 255, size=(40, 48, 3), dtype=np.uint8)).save(path)

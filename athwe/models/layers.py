@@ -189,9 +189,9 @@ class Windows:
     back: torch.Tensor
 
     @staticmethod
-    def of(tokens: "Tokens", span: torch.Tensor) -> "Windows":
+    def of(tokens: "Tokens") -> "Windows":
         b, n, r = tokens.batch, tokens.length, len(tokens.rows)
-        span, order = span.sort(stable=True)
+        span, order = tokens.span.sort(stable=True)
         spans = span.tolist()
         empty = spans.count(0)  # rows without items: their last position attends to itself alone
         groups = ([(empty, 1)] if empty else []) + (window_plan(spans[empty:], n) if empty < b else [])
@@ -255,7 +255,7 @@ class Tokens:
     def windows(self) -> Windows:
         """The attention windows of these tokens (computed once, shared by every layer)."""
         if self._windows is None:
-            self._windows = Windows.of(self, self.span)
+            self._windows = Windows.of(self)
         return self._windows
 
 
