@@ -10,8 +10,8 @@ Targets: a SASRec and an ATHWE run on the demo (trained for --epochs in a scratc
 --catalogue-items items (a quarter as many users x 8 interactions) whose weights are its untrained
 random initialisation, with an IVF-PQ index: what serving costs at that size, not what it
 recommends. Each target's server (`python -m athwe.cli serve`, one torch/FAISS thread, since the
-load generator shares the CPUs) is started once per batching mode; C clients (asyncio + httpx,
-one keep-alive connection each) then send requests back to back for --seconds per C. Half the
+load generator shares the CPUs) is started once per batching mode; C clients (one asyncio process,
+one keep-alive HTTP/1.1 connection each) then send requests back to back for --seconds per C. Half the
 requests name a known user, half send a known user's history as items + timestamps (k=10).
 Server RSS (VmRSS) is read before and after each cell. Everything runs on 127.0.0.1.
 """
@@ -194,47 +194,78 @@ class Server:
 
 
 # -- the load --------------------------------------------------------------------------------------
-async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
-    """`clients` connections sending bodies back to back for `seconds`; latency of each answer."""
-    import httpx
+async def http_post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes) -> int:
+    """One HTTP/1.1 POST on a keep-alive connection: the status once the whole response is read.
+    Written on asyncio streams rather than with an HTTP client library: the load generator shares
+    the CPUs with the server, so it should spend as little of them as it can, and a client's own
+    connection pool would add its queueing to the latencies measured."""
+    writer.write(b"POST %s HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Content-Length: %d\r\n\r\n%s" % (path.encode(), len(body), body))
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = None
+    for line in head.split(b"\r\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":
+            length = int(value)
+    if length is None:  # the server always sends Content-Length; anything else is a broken answer
+        raise ConnectionError("response without Content-Length")
+    await reader.readexactly(length)
+    return int(head.split(b" ", 2)[1])
 
+
+async def load(port: int, bodies: list[bytes], clients: int, seconds: float) -> dict:
+    """`clients` keep-alive connections sending bodies back to back for `seconds`; latency of each
+    answer, from the first byte sent to the last byte read."""
     latencies: list[float] = []
     errors: dict[str, int] = {}
     nxt = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    headers = {"content-type": "application/json"}
-    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", limits=limits, timeout=60.0) as client:
-        async def one_client() -> None:
-            nonlocal nxt
+
+    async def one_client() -> None:
+        nonlocal nxt
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
             while time.perf_counter() < end:
                 body = bodies[nxt % len(bodies)]
                 nxt += 1
                 t0 = time.perf_counter()
                 try:
-                    r = await client.post("/recommend", content=body, headers=headers)
-                    ok = r.status_code == 200
-                    what = f"HTTP {r.status_code}"
-                except httpx.HTTPError as e:
-                    ok, what = False, type(e).__name__
-                if ok:
+                    status = await asyncio.wait_for(http_post(reader, writer, "/recommend", body), 60.0)
+                except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError) as e:
+                    errors[type(e).__name__] = errors.get(type(e).__name__, 0) + 1
+                    writer.close()
+                    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+                    continue
+                if status == 200:
                     latencies.append((time.perf_counter() - t0) * 1000)
                 else:
-                    errors[what] = errors.get(what, 0) + 1
+                    errors[f"HTTP {status}"] = errors.get(f"HTTP {status}", 0) + 1
+        finally:
+            writer.close()
 
-        # warm-up: a connection per client and a few requests, not counted
-        end = time.perf_counter() + 0.3
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        latencies.clear()
-        errors.clear()
-        t0 = time.perf_counter()
-        end = t0 + seconds
-        await asyncio.gather(*(one_client() for _ in range(clients)))
-        wall = time.perf_counter() - t0
+    # warm-up: a connection per client and a few requests, not counted
+    end = time.perf_counter() + 0.3
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    latencies.clear()
+    errors.clear()
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    await asyncio.gather(*(one_client() for _ in range(clients)))
+    wall = time.perf_counter() - t0
     lat = np.array(latencies) if latencies else np.array([float("nan")])
     return {"requests": len(latencies), "req_per_s": round(len(latencies) / wall, 1),
             "p50_ms": round(float(np.percentile(lat, 50)), 2), "p95_ms": round(float(np.percentile(lat, 95)), 2),
             "p99_ms": round(float(np.percentile(lat, 99)), 2), "errors": sum(errors.values()),
             "error_kinds": errors}
+
+
+def http_stack() -> str:
+    """uvicorn's HTTP parser and event loop in this environment (its "auto" choice, which the
+    servers started here make too)."""
+    from importlib.util import find_spec
+
+    parser = "httptools" if find_spec("httptools") else "h11"
+    loop = "uvloop" if find_spec("uvloop") else "asyncio"
+    return f"uvicorn with {parser} and {loop}"
 
 
 # -- report ----------------------------------------------------------------------------------------
@@ -243,9 +274,11 @@ def write(out: Path, command: str, env: dict, targets: list[dict], rows: list[di
     atomic_write_json(out.with_suffix(".json"), {"command": command, "env": env, "targets": targets, "rows": rows})
     lines = ["# Serving: requests/s and latency of `athwe serve` under load", "",
              f"Command: `{command}`", "",
-             f"{env['cpus']} CPUs ({env['machine']}), torch {env['torch']}, faiss {env['faiss']}. Loopback only. "
+             f"{env['cpus']} CPUs ({env['machine']}), torch {env['torch']}, faiss {env['faiss']}, "
+             f"{env.get('http', 'uvicorn')}. Loopback only. "
              f"The server runs with {args.server_threads} torch/FAISS thread(s) because the load generator "
-             f"(one asyncio process, httpx, one keep-alive connection per client) shares the CPUs with it; "
+             f"(one asyncio process, one keep-alive HTTP/1.1 connection per client on asyncio streams) "
+             f"shares the CPUs with it; "
              f"batching on: at most {args.max_batch} requests per model call, waiting at most "
              f"{args.max_wait_ms:g} ms for a batch to fill. Each cell: {args.seconds:g} s of requests sent back "
              f"to back by every client, half by user and half by history (items + timestamps), k={K}. "
@@ -296,7 +329,7 @@ def main() -> None:
     import torch
 
     env = {"cpus": os.cpu_count(), "machine": platform.machine(), "torch": torch.__version__,
-           "faiss": faiss.__version__, "load_avg_before": [round(v, 2) for v in os.getloadavg()]}
+           "faiss": faiss.__version__, "http": http_stack(), "load_avg_before": [round(v, 2) for v in os.getloadavg()]}
     targets, rows = [], []
     for name in args.targets.split(","):
         if name == "sasrec":

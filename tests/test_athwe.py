@@ -18,7 +18,7 @@ from athwe.dataset.split import Batch, SampleSet
 from athwe.errors import AthweError, ConfigError
 from athwe.models import create_model, resolved_model_args, unused_model_keys
 from athwe.models.athwe import ATHWE, WaveletAlign, fingerprint_text, tcl_mask, time_buckets
-from athwe.models.layers import attention_mask
+from athwe.models.layers import Tokens, attention_mask
 from athwe.runs import evaluate_run
 from athwe.training import trainer as tr
 from conftest import random_features, write_random_features, write_tiny_dataset
@@ -213,6 +213,31 @@ def test_missing_features_use_a_learned_vector_not_zeros():
         model.text_raw[i] = 123.0
         torch.testing.assert_close(model.scores(b), before)
 
+
+
+@pytest.mark.parametrize("mods", [["id", "text", "image"], ["text", "image"]])
+def test_query_vectors_compute_only_the_input_items_rows(mods):
+    """The query path projects the inputs' feature rows alone (not the whole catalogue), with the
+    same values as the tables' rows: padding zero, items without a feature the missing vector."""
+    model = make({"modalities": mods})
+    model.eval()
+    ids = torch.tensor([0, 3, 0, 7, N_ITEMS, 1, 3])
+    tables = model.item_tables()
+    with torch.no_grad():
+        for m, row in zip(model.modalities, model.item_rows(ids)):
+            torch.testing.assert_close(row, tables[m][ids])
+        b = batch()
+        full = model(b.input_ids, b.timestamps)
+        alone = model(b.input_ids, b.timestamps, with_items=False)
+        assert alone.items is None and alone.tables is None
+        torch.testing.assert_close(alone.query, full.query)
+        torch.testing.assert_close(model.query_vectors(b), full.query)
+        calls = []
+        for proj in model.projections.values():  # the cells of the attention windows, not the whole table
+            proj.register_forward_hook(lambda mod, inp, out: calls.append(inp[0].shape[0]))
+        two = batch(lengths=[1, 3])
+        model.query_vectors(two)
+        assert calls and max(calls) == len(Tokens.of(two.input_ids).windows.cells) < N_ITEMS
 
 # -- losses over exactly the valid positions ---------------------------------------------------
 def test_category_loss_covers_exactly_the_valid_positions():

@@ -334,13 +334,14 @@ class SparseMoE(nn.Module):
 @dataclass
 class ATHWEOutput:
     """What one forward pass computes: the (possibly cropped) input ids and their validity, the
-    per-modality item tables and their concatenation (the item vectors), the query vectors, each
-    modality's read-out (and its temporal-contrast view), and the experts' diversity loss."""
+    per-modality item tables and their concatenation (the item vectors; None when the pass was
+    asked for the query vectors only), the query vectors, each modality's read-out (and its
+    temporal-contrast view), and the experts' diversity loss."""
 
     ids: torch.Tensor
     valid: torch.Tensor
-    tables: dict[str, torch.Tensor]
-    items: torch.Tensor
+    tables: dict[str, torch.Tensor] | None
+    items: torch.Tensor | None
     query: torch.Tensor
     seq: dict[str, torch.Tensor]
     augmented: dict[str, torch.Tensor]
@@ -589,6 +590,20 @@ class ATHWE(SequentialRecommender):
             tables[m] = torch.cat([proj.new_zeros(1, proj.shape[1]), proj])
         return tables
 
+    def item_rows(self, ids: torch.Tensor) -> list[torch.Tensor]:
+        """Per modality, the rows of `item_tables()` at `ids` (zero for padding), computed for those
+        items alone: what the query vectors need, without projecting the whole catalogue."""
+        rows = []
+        for m in self.modalities:
+            if m == "id":
+                rows.append(lookup(self.item_embedding.weight, ids))
+                continue
+            proj = self.projections[m](getattr(self, f"{m}_raw").index_select(0, ids))
+            if m in self.missing:
+                proj = torch.where(getattr(self, f"{m}_has").index_select(0, ids).unsqueeze(1), proj, self.missing[m])
+            rows.append(proj * (ids > 0).unsqueeze(1).to(proj.dtype))
+        return rows
+
     def _encode_stream(self, m: str, h: torch.Tensor, mask: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """Modality m's encoder on its inputs at the kept tokens, (R, H): its output at each row's
         last position, (B, H). Everything in it is per position except attention, where padding keys
@@ -599,10 +614,13 @@ class ATHWE(SequentialRecommender):
             z = block.forward_packed(z, tokens, mask, last=i == len(blocks) - 1)
         return z
 
-    def forward(self, input_ids: torch.Tensor, timestamps: torch.Tensor, with_tcl: bool = False) -> ATHWEOutput:
+    def forward(self, input_ids: torch.Tensor, timestamps: torch.Tensor, with_tcl: bool = False,
+                with_items: bool = True) -> ATHWEOutput:
         """Steps 1-6 of the module docstring on left-padded (B, L) ids and their timestamps (the last
         max_seq_length columns are used). With `with_tcl` (training) the text and image streams are
         also encoded with floor(len * beta) random valid positions replaced by their time placeholder.
+        Without `with_items` the item tables are not built (the inputs' rows are computed alone) and
+        the output's tables and items are None.
 
         The wavelets span the whole grid; from the experts on, every step is per position or
         attention over real keys, so it runs on the kept tokens only (`Tokens`): the real items and
@@ -618,9 +636,10 @@ class ATHWE(SequentialRecommender):
         tokens = Tokens.of(ids)
         win = tokens.windows
         cell_ids = ids.view(-1).index_select(0, win.cells)
-        tables = self.item_tables()
+        tables = self.item_tables() if with_items else None
+        rows = [lookup(tables[m], cell_ids) for m in self.modalities] if with_items else self.item_rows(cell_ids)
         pos = self.position(win.cells % n + (self.max_seq_length - n))
-        x = torch.stack([lookup(tables[m], cell_ids) for m in self.modalities], 1) + pos.unsqueeze(1)
+        x = torch.stack(rows, 1) + pos.unsqueeze(1)
         x = x * (cell_ids > 0).view(-1, 1, 1).to(x.dtype)  # (cells, M, H), zero at padding
         # 2. wavelet alignment across modalities (the grid is zero outside the windows)
         if self.fusion is not None:
@@ -660,11 +679,11 @@ class ATHWE(SequentialRecommender):
         # 6. weighted concatenation: query . items is the score
         w = torch.softmax(self.fusion_weights, 0) if self.fusion_weights is not None else x.new_ones(1)
         query = torch.cat([w[i] * seq[m] for i, m in enumerate(self.modalities)], -1)
-        items = torch.cat([tables[m] for m in self.modalities], -1)
+        items = torch.cat([tables[m] for m in self.modalities], -1) if with_items else None
         return ATHWEOutput(ids, valid, tables, items, query, seq, augmented, diversity)
 
     def query_vectors(self, batch: Batch) -> torch.Tensor:
-        return self(batch.input_ids, batch.timestamps).query
+        return self(batch.input_ids, batch.timestamps, with_items=False).query
 
     def item_vectors(self) -> torch.Tensor:
         return torch.cat([t for t in self.item_tables().values()], -1)
