@@ -142,7 +142,7 @@ SECTIONS: tuple[Section, ...] = (
         "side by side in one process carry over between machines better than absolute rates.",
         (
             Entry("train_speed", "Training throughput against an older commit",
-                  "Every model's training samples/s on the demo (and ATHWE on ml-100k), this tree against an "
+                  "Every model's training samples/s on the demo and on ml-100k settings, this tree against an "
                   "older commit in alternating windows at one thread, and beside a single-threaded busy loop "
                   "with the default threads."),
             Entry("train_speed_default_threads", "ATHWE training throughput with the default threads",
