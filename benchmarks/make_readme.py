@@ -148,6 +148,10 @@ SECTIONS: tuple[Section, ...] = (
             Entry("train_speed_default_threads", "ATHWE training throughput with the default threads",
                   "The same comparison for ATHWE on the demo with each tree's default thread count on an idle "
                   "2-core machine."),
+            Entry("train_speed_bf16", "ATHWE training throughput under bf16 autocast on a CPU without bf16 units",
+                  "The same comparison for ATHWE on the demo with --precision bf16 in both trees, on an AVX2 CPU "
+                  "that emulates bfloat16 arithmetic (compare with the fp32 table: bf16 only pays on hardware "
+                  "with bf16 units)."),
             Entry("model_speed", "Training step of every model",
                   "Steps/s of every model on LastFM batches, with plain re-implementations in the "
                   "reference code's style timed in alternating windows (ref-style rows)."),
