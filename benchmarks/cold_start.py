@@ -26,8 +26,8 @@ command resumes: the derived data is rewritten only when it changes, features ar
 finished runs are reused (their saved config and data fingerprint must match, benchmarks/run_cache.py)
 and interrupted ones resumed, and items already added to a run are not added again.
 
-Full run (hours on one CPU thread):
-    python benchmarks/cold_start.py --out benchmarks/results/cold_start
+Full run (hours on one CPU thread; --jobs 2 trains each dataset's cold and warm runs at once):
+    python benchmarks/cold_start.py --out benchmarks/results/cold_start [--jobs 2]
 Smoke run (the demo, one epoch):
     python benchmarks/cold_start.py --quick --out /tmp/cold_start_quick
 """
@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import platform
 import shutil
@@ -42,6 +43,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -338,8 +340,14 @@ def one_dataset(name: str, args: argparse.Namespace) -> dict[str, Any]:
     ensure_features(name, src_dir, kcore, image, args.text_model, args.device)
     timing["features_s"] = round(time.perf_counter() - t, 1)
     t = time.perf_counter()
-    cold = train_athwe(name, cold_name, cold_dir, args, f"{name} cold")
-    warm = train_athwe(name, name, src_dir, args, f"{name} warm")
+    if args.jobs > 1:  # the two trainings are independent: one process each (each with --threads)
+        with ProcessPoolExecutor(2, mp_context=multiprocessing.get_context("spawn")) as pool:
+            cold_job = pool.submit(train_athwe, name, cold_name, cold_dir, args, f"{name} cold")
+            warm_job = pool.submit(train_athwe, name, name, src_dir, args, f"{name} warm")
+            cold, warm = cold_job.result(), warm_job.result()
+    else:
+        cold = train_athwe(name, cold_name, cold_dir, args, f"{name} cold")
+        warm = train_athwe(name, name, src_dir, args, f"{name} warm")
     timing["training_s"] = round(time.perf_counter() - t, 1)
 
     t = time.perf_counter()
@@ -571,6 +579,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the held-out draw (training uses the configured one)")
     ap.add_argument("--epochs", type=int, default=None, help="cap on the configured epochs, for every model trained")
     ap.add_argument("--threads", type=int, default=1, help="torch CPU threads (training, adding items, scoring)")
+    ap.add_argument("--jobs", type=int, default=1, choices=(1, 2),
+                    help="2: train a dataset's cold and warm runs at once, one process each (for 2+ cores)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--text-model", default="packaged-minilm", help="feature extraction text model (offline)")
     ap.add_argument("--work", default=str(Path(tempfile.gettempdir()) / "athwe-cold-start"),
@@ -596,7 +606,8 @@ def main() -> None:
     meta = {"command": training_command(), "datasets": datasets, "cpu": cpu, "threads": args.threads,
             "device": str(resolve_device(args.device)), "torch": torch.__version__,
             "python": platform.python_version(), "load_avg": load_avg(), "holdout": args.holdout,
-            "seed": args.seed, "epochs": args.epochs, "text_model": args.text_model, "work": args.work}
+            "seed": args.seed, "epochs": args.epochs, "jobs": args.jobs, "text_model": args.text_model,
+            "work": args.work}
     print(f"work folder {args.work} (the same command resumes from it)", flush=True)
     results = []
     for name in datasets:
