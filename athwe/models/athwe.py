@@ -575,6 +575,17 @@ class ATHWE(SequentialRecommender):
         return notes
 
     # -- forward -----------------------------------------------------------------------------
+    def _feature_rows(self, m: str, rows: torch.Tensor | slice) -> torch.Tensor:
+        """P_m times feature modality m's raw rows at `rows` (indices or a slice of the table), with
+        the learned missing vector for items without the feature."""
+        raw, has = getattr(self, f"{m}_raw"), getattr(self, f"{m}_has")
+        if isinstance(rows, torch.Tensor):
+            raw, has = raw.index_select(0, rows), has.index_select(0, rows)
+        else:
+            raw, has = raw[rows], has[rows]
+        proj = self.projections[m](raw)
+        return torch.where(has.unsqueeze(1), proj, self.missing[m]) if m in self.missing else proj
+
     def item_tables(self) -> dict[str, torch.Tensor]:
         """Per-modality candidate tables (n_items + 1, H): E_id, P_t T, P_v V, where items without
         the feature get the learned missing vector; row 0 (padding) is zero."""
@@ -583,26 +594,16 @@ class ATHWE(SequentialRecommender):
             if m == "id":
                 tables[m] = self.item_embedding.weight
                 continue
-            proj = self.projections[m](getattr(self, f"{m}_raw")[1:])
-            has = getattr(self, f"{m}_has")[1:].unsqueeze(1)
-            if m in self.missing:
-                proj = torch.where(has, proj, self.missing[m])
+            proj = self._feature_rows(m, slice(1, None))
             tables[m] = torch.cat([proj.new_zeros(1, proj.shape[1]), proj])
         return tables
 
     def item_rows(self, ids: torch.Tensor) -> list[torch.Tensor]:
         """Per modality, the rows of `item_tables()` at `ids` (zero for padding), computed for those
         items alone: what the query vectors need, without projecting the whole catalogue."""
-        rows = []
-        for m in self.modalities:
-            if m == "id":
-                rows.append(lookup(self.item_embedding.weight, ids))
-                continue
-            proj = self.projections[m](getattr(self, f"{m}_raw").index_select(0, ids))
-            if m in self.missing:
-                proj = torch.where(getattr(self, f"{m}_has").index_select(0, ids).unsqueeze(1), proj, self.missing[m])
-            rows.append(proj * (ids > 0).unsqueeze(1).to(proj.dtype))
-        return rows
+        padding = (ids == 0).unsqueeze(1)
+        return [lookup(self.item_embedding.weight, ids) if m == "id"
+                else self._feature_rows(m, ids).masked_fill(padding, 0.0) for m in self.modalities]
 
     def _encode_stream(self, m: str, h: torch.Tensor, mask: torch.Tensor, tokens: Tokens) -> torch.Tensor:
         """Modality m's encoder on its inputs at the kept tokens, (R, H): its output at each row's
